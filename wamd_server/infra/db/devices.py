@@ -1,0 +1,150 @@
+"""Devices, scoped by who may see them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Select, and_, delete, insert, or_, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wamd_server.domain.models import RECONNECTABLE, Device, DevicePatch, DeviceStatus
+from wamd_server.domain.ports import DeviceScope
+from wamd_server.infra.db.tables import device_grants, devices
+
+DEVICE_FIELDS = frozenset(
+    {
+        "name",
+        "phone",
+        "jid",
+        "status",
+        "status_reason",
+        "last_seen_at",
+        "min_delay_s",
+        "max_delay_s",
+        "hourly_cap",
+        "daily_cap",
+        "qr_code",
+        "qr_expires_at",
+        "banned_until",
+    }
+)
+
+
+def device_from_row(row: RowMapping) -> Device:
+    return Device(
+        id=row["id"],
+        name=row["name"],
+        status=DeviceStatus(row["status"]),
+        created_at=row["created_at"],
+        phone=row["phone"],
+        jid=row["jid"],
+        status_reason=row["status_reason"],
+        last_seen_at=row["last_seen_at"],
+        min_delay_s=row["min_delay_s"],
+        max_delay_s=row["max_delay_s"],
+        hourly_cap=row["hourly_cap"],
+        daily_cap=row["daily_cap"],
+        created_by=row["created_by"],
+        qr_code=row["qr_code"],
+        qr_expires_at=row["qr_expires_at"],
+        banned_until=row["banned_until"],
+    )
+
+
+def scoped(query: Select[Any], scope: DeviceScope) -> Select[Any]:
+    """Restrict a devices query to what the scope may see: staff only through a grant."""
+    if scope.user_id is None:
+        return query
+    granted = select(device_grants.c.device_id).where(device_grants.c.user_id == scope.user_id)
+    return query.where(devices.c.id.in_(granted))
+
+
+class SqlDeviceRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def add(self, name: str, created_by: UUID | None, grant_to: UUID | None) -> Device:
+        now = datetime.now(UTC)
+        device_id = uuid.uuid4()
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(devices).values(
+                    id=device_id,
+                    name=name,
+                    status=DeviceStatus.UNPAIRED.value,
+                    created_by=created_by,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            if grant_to is not None:
+                await conn.execute(insert(device_grants).values(user_id=grant_to, device_id=device_id, created_at=now))
+            row = (await conn.execute(select(devices).where(devices.c.id == device_id))).mappings().one()
+        return device_from_row(row)
+
+    async def get(self, device_id: UUID, scope: DeviceScope) -> Device | None:
+        async with self._engine.connect() as conn:
+            query = scoped(select(devices).where(devices.c.id == device_id), scope)
+            row = (await conn.execute(query)).mappings().first()
+        return device_from_row(row) if row else None
+
+    async def list_page(self, scope: DeviceScope, limit: int, after: UUID | None) -> list[Device]:
+        query = scoped(select(devices), scope).order_by(devices.c.created_at, devices.c.id).limit(limit)
+        if after is not None:
+            anchor = select(devices.c.created_at).where(devices.c.id == after).scalar_subquery()
+            query = query.where(
+                or_(devices.c.created_at > anchor, and_(devices.c.created_at == anchor, devices.c.id > after))
+            )
+        async with self._engine.connect() as conn:
+            return [device_from_row(r) for r in (await conn.execute(query)).mappings()]
+
+    async def patch(self, device_id: UUID, patch: DevicePatch) -> Device:
+        values = {k: v for k, v in vars(patch).items() if v is not None}
+        device = await self.set_fields(device_id, **values)
+        if device is None:
+            raise LookupError(device_id)
+        return device
+
+    async def set_fields(self, device_id: UUID, **values: Any) -> Device | None:
+        unknown = set(values) - DEVICE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown device fields: {sorted(unknown)}")
+        if "status" in values and isinstance(values["status"], DeviceStatus):
+            values["status"] = values["status"].value
+        values["updated_at"] = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(update(devices).where(devices.c.id == device_id).values(values))
+            row = (await conn.execute(select(devices).where(devices.c.id == device_id))).mappings().first()
+        return device_from_row(row) if row else None
+
+    async def delete(self, device_id: UUID) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(devices).where(devices.c.id == device_id))
+        return bool(result.rowcount)
+
+    async def to_reconnect(self) -> list[Device]:
+        query = (
+            select(devices)
+            .where(devices.c.jid.is_not(None), devices.c.status.in_([s.value for s in RECONNECTABLE]))
+            .order_by(devices.c.created_at, devices.c.id)
+        )
+        async with self._engine.connect() as conn:
+            return [device_from_row(r) for r in (await conn.execute(query)).mappings()]
+
+    async def exists(self, device_ids: Sequence[UUID]) -> set[UUID]:
+        if not device_ids:
+            return set()
+        async with self._engine.connect() as conn:
+            query = select(devices.c.id).where(devices.c.id.in_(list(device_ids)))
+            return set((await conn.execute(query)).scalars())
+
+    async def stuck_in_pairing(self) -> list[Device]:
+        """Devices left in `pairing` by a previous process (their QR session died with it)."""
+        query = select(devices).where(devices.c.status == DeviceStatus.PAIRING.value)
+        async with self._engine.connect() as conn:
+            return [device_from_row(r) for r in (await conn.execute(query)).mappings()]

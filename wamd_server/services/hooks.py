@@ -1,0 +1,17 @@
+"""Typed calls of the plugin hooks the services fire (failures are isolated by the plugin host)."""
+
+from __future__ import annotations
+
+from wamd_server.domain.models import Device, DeviceStatus, InboundMessage
+from wamd_server.plugin_api.manager import PluginHost
+
+
+class HookCaller:
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+
+    async def device_status_changed(self, device: Device, old: DeviceStatus, new: DeviceStatus) -> None:
+        await self.host.call("wamd_device_status_changed", device=device, old=old, new=new)
+
+    async def message_received(self, device: Device, message: InboundMessage) -> None:
+        await self.host.call("wamd_message_received", device=device, message=message)

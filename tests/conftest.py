@@ -180,9 +180,9 @@ class WsClient:
                 raise TimeoutError(f"no {event_type} event for {device_id} within {timeout}s")
             message = await asyncio.wait_for(self.events.get(), remaining)
             event = message["event"]
-            if event["type"] == event_type and (device_id is None or event.get("device_id") == device_id):
-                if test(event):
-                    return event
+            same_device = device_id is None or event.get("device_id") == device_id
+            if event["type"] == event_type and same_device and test(event):
+                return event
 
     async def close(self) -> None:
         await self.ws.close()
@@ -200,9 +200,7 @@ class Server:
     sim_url: str | None = None  # standalone simulator; None: in-process, control API under this server
     sockets: list[WsClient] = field(default_factory=list)
 
-    async def call(
-        self, method: str, path: str, token: str | None = None, json: Any = None, **kw: Any
-    ) -> Reply:
+    async def call(self, method: str, path: str, token: str | None = None, json: Any = None, **kw: Any) -> Reply:
         headers = dict(kw.pop("headers", {}))
         if token:
             headers["Authorization"] = f"Bearer {token}"

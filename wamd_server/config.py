@@ -41,6 +41,10 @@ class Config:
     trust_forwarded: bool
     token_ttl_days: int
     max_body_bytes: int
+    redis_prefix: str = "wamd"
+    lease_ttl_s: float = 10.0
+    worker_capacity: int = 1000
+    phone_region: str = "MY"
     demo: bool = False
 
     @property
@@ -162,6 +166,13 @@ def load_config(env: Mapping[str, str] | None = None, *, demo: bool = False) -> 
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"WAMD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
 
+    redis_prefix = env.get("WAMD_REDIS_PREFIX") or "wamd"
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", redis_prefix):
+        raise ConfigError(f"WAMD_REDIS_PREFIX may hold only letters, digits, '_', '.', '-', got {redis_prefix!r}")
+    phone_region = (env.get("WAMD_PHONE_REGION") or "MY").upper()
+    if not re.match(r"^[A-Z]{2}$", phone_region):
+        raise ConfigError(f"WAMD_PHONE_REGION must be a two-letter country code such as MY, got {phone_region!r}")
+
     host = env.get("HOST") or "127.0.0.1"
     return Config(
         database_url=database_url,
@@ -180,5 +191,9 @@ def load_config(env: Mapping[str, str] | None = None, *, demo: bool = False) -> 
         trust_forwarded=_bool(env, "WAMD_TRUST_FORWARDED", False),
         token_ttl_days=_int(env, "WAMD_TOKEN_TTL_DAYS", 30, 1, 3650),
         max_body_bytes=_int(env, "WAMD_MAX_BODY_MB", 20, 1, 1024) * 1024 * 1024,
+        redis_prefix=redis_prefix,
+        lease_ttl_s=_float(env, "WAMD_LEASE_TTL_S", 10.0, 1.0, 600.0),
+        worker_capacity=_int(env, "WAMD_WORKER_CAPACITY", 1000, 1, 100_000),
+        phone_region=phone_region,
         demo=demo,
     )

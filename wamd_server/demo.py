@@ -64,7 +64,7 @@ class DemoSeed:
 
 async def seed(runtime: Runtime, *, timeout_s: float = 20.0) -> DemoSeed:
     """Create the demo admin and link the demo devices by scanning their QR codes on simulated phones."""
-    assert runtime.pool and runtime.sim_network and runtime.bus and runtime.device_repo
+    assert runtime.router and runtime.sim_network and runtime.bus and runtime.device_repo
     password = secrets.token_urlsafe(12)
     admin = await runtime.users.create(DEMO_EMAIL, password, Role.ADMIN, "Demo admin")
     waiter = _EventWaiter()
@@ -76,7 +76,7 @@ async def seed(runtime: Runtime, *, timeout_s: float = 20.0) -> DemoSeed:
             device_ids.append(device.id)
             qr = waiter.expect(ev.DEVICE_QR, device.id)
             online = waiter.expect(ev.DEVICE_STATUS, device.id, lambda e: e.data["status"] == "online")
-            await runtime.pool.pair_qr(device.id)
+            await runtime.router.pair_qr(device.id)
             code = (await asyncio.wait_for(qr, timeout_s)).data["code"]
             await runtime.sim_network.scan(code, phone)
             await asyncio.wait_for(online, timeout_s)

@@ -1,15 +1,21 @@
 """Composition root: builds the server's parts from the configuration and starts and stops them in stages.
 
-storage (engine, migrations) → bus → plugins → transport → device pool → API. Stopping runs in reverse, so
-the API stops taking requests before the sessions close and the database goes last.
+storage (engine, migrations) → bus → plugins → device worker (transport, pool, leases) → API. Stopping runs in
+reverse, so the API stops taking requests before the sessions close and the database goes last. The role says
+which parts run: `serve` all of them, `api` no worker, `worker` no API.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -18,12 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server import __version__
 from wamd_server.config import Config, ConfigError
-from wamd_server.domain.ports import EventBus, RateLimiter, Transport
+from wamd_server.domain.ports import Clock, EventBus, RateLimiter, Transport, WorkerInfo
 from wamd_server.infra.bus.local import LocalEventBus
 from wamd_server.infra.bus.redis import RedisEventBus
+from wamd_server.infra.bus.rpc import RedisCommandServer, RedisWorkerCommands
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.devices import SqlDeviceRepository
 from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.leases import SqlLeaseRepository
 from wamd_server.infra.db.messages import SqlMessageRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import devices
@@ -35,9 +43,11 @@ from wamd_server.plugin_api.types import TransportContext, TransportSpec
 from wamd_server.services.auth import AuthService
 from wamd_server.services.clock import SystemClock
 from wamd_server.services.device_pool import DevicePool
+from wamd_server.services.device_router import DeviceRouter
 from wamd_server.services.devices import DeviceService
 from wamd_server.services.hooks import HookCaller
 from wamd_server.services.users import UserService
+from wamd_server.services.worker import DeviceWorker, LeaseTiming
 from wamd_server.sim.control import control_routes
 from wamd_server.sim.network import SimNetwork
 from wamd_server.web.app import create_app
@@ -51,14 +61,27 @@ class StartupError(Exception):
     """A dependency needed at start is missing or unreachable; str() is the one line for the operator."""
 
 
+class Role(enum.StrEnum):
+    SERVE = "serve"  # API + a device worker in one process (the default)
+    API = "api"  # API only; device commands go to worker processes over Redis
+    WORKER = "worker"  # a device worker only
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 @dataclass
 class Runtime:
     config: Config
+    role: Role = Role.SERVE
     plugins: PluginHost = field(default_factory=PluginHost)
     engine: AsyncEngine | None = None
     bus: EventBus | None = None
     transport: Transport | None = None
     pool: DevicePool | None = None
+    worker: DeviceWorker | None = None
+    router: DeviceRouter | None = None
     sim_network: SimNetwork | None = None
     app: web.Application | None = None
     runner: web.AppRunner | None = None
@@ -67,6 +90,8 @@ class Runtime:
     _redis: Redis | None = None
     _users: UserService | None = None
     _owns_sim: bool = False  # a network handed in (tests) outlives this runtime
+    _commands: RedisWorkerCommands | None = None
+    _command_server: RedisCommandServer | None = None
 
     @property
     def url(self) -> str:
@@ -78,22 +103,32 @@ class Runtime:
         assert self._users is not None, "runtime not started"
         return self._users
 
-    async def start(self, *, serve_http: bool = True, reconnect: bool = True) -> None:
+    def check_role(self) -> None:
+        """Refuse combinations that cannot work, with a line the operator can act on."""
         cfg = self.config
+        if self.role is not Role.SERVE and not cfg.redis_url:
+            raise ConfigError(f"REDIS_URL is needed by `wamd-server {self.role.value}`: it carries device commands")
+        if self.role is not Role.SERVE and cfg.embedded_sim:
+            raise ConfigError(
+                "WAMD_SIM_URL is needed with WAMD_TRANSPORT=sim when API and workers run in separate processes "
+                "(start `wamd-sim` and point every process at it)"
+            )
+
+    async def start(self, *, serve_http: bool = True) -> None:
+        cfg = self.config
+        self.check_role()
         await self.open_storage()
         assert self.engine is not None
 
-        self.bus = await self._start_bus()
-        limiter: RateLimiter = MemoryRateLimiter()
         if cfg.redis_url:
             self._redis = Redis.from_url(cfg.redis_url)
-            limiter = RedisRateLimiter(self._redis)
-
+        self.bus = await self._start_bus()
         self.plugins.register(builtin, name="wamd.builtin.transports")
         self.plugins.load_entry_points()
         clock = SystemClock()
         user_repo = SqlUserRepository(self.engine)
         device_repo = self.device_repo = SqlDeviceRepository(self.engine)
+        leases = SqlLeaseRepository(self.engine)
         self._users = UserService(user_repo, device_repo)
         if (
             cfg.admin_email
@@ -102,21 +137,20 @@ class Runtime:
         ):
             log.info("created admin %s from WAMD_ADMIN_EMAIL", cfg.admin_email)
 
-        if cfg.embedded_sim and self.sim_network is None:
-            self.sim_network = SimNetwork()
-            self._owns_sim = True
-        self.transport = await self._build_transport(SqlSessionStore(self.engine))
-        self.pool = DevicePool(
-            transport=self.transport,
-            devices=device_repo,
-            messages=SqlMessageRepository(self.engine),
-            bus=self.bus,
-            hooks=HookCaller(self.plugins),
-            clock=clock,
-            connects_per_second=cfg.connects_per_second,
-        )
-        await self.pool.start(reconnect=reconnect)
+        if self.role is not Role.API:
+            await self._start_worker(device_repo, leases, clock)
+        if self.role is Role.WORKER:
+            return
 
+        if self._redis is not None:
+            self._commands = RedisWorkerCommands(self._redis, cfg.redis_prefix)
+            await self._commands.start()
+        router = self.router = DeviceRouter(
+            leases, device_repo, local=self.worker, remote=self._commands, timing=LeaseTiming.for_ttl(cfg.lease_ttl_s)
+        )
+        limiter: RateLimiter = (
+            RedisRateLimiter(self._redis, f"{cfg.redis_prefix}:rl") if self._redis is not None else MemoryRateLimiter()
+        )
         ctx = ApiContext(
             config=cfg,
             version=__version__,
@@ -124,7 +158,7 @@ class Runtime:
                 user_repo, SqlTokenRepository(self.engine), limiter, clock, token_ttl=timedelta(days=cfg.token_ttl_days)
             ),
             users=self._users,
-            devices=DeviceService(device_repo, self.pool, clock),
+            devices=DeviceService(device_repo, router, clock, phone_region=cfg.phone_region),
             user_repo=user_repo,
             bus=self.bus,
             plugins=self.plugins,
@@ -140,12 +174,42 @@ class Runtime:
         if serve_http:
             await self._serve(self.app)
 
+    async def _start_worker(self, device_repo: SqlDeviceRepository, leases: SqlLeaseRepository, clock: Clock) -> None:
+        cfg = self.config
+        assert self.engine is not None and self.bus is not None
+        if cfg.embedded_sim and self.sim_network is None:
+            self.sim_network = SimNetwork()
+            self._owns_sim = True
+        self.transport = await self._build_transport(SqlSessionStore(self.engine))
+        held: set[UUID] = set()
+        self.pool = DevicePool(
+            transport=self.transport,
+            devices=device_repo,
+            messages=SqlMessageRepository(self.engine),
+            bus=self.bus,
+            hooks=HookCaller(self.plugins),
+            clock=clock,
+            connects_per_second=cfg.connects_per_second,
+            owns=lambda device_id: device_id in held,
+        )
+        info = WorkerInfo(worker_id(), socket.gethostname(), os.getpid(), cfg.worker_capacity)
+        self.worker = DeviceWorker(info, self.pool, leases, LeaseTiming.for_ttl(cfg.lease_ttl_s), held=held)
+        await self.worker.start()
+        if self._redis is not None:
+            self._command_server = RedisCommandServer(self._redis, cfg.redis_prefix, info.id, self.worker.execute)
+            await self._command_server.start()
+        log.info("device worker %s started (capacity %d)", info.id, info.capacity)
+
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-        if self.pool is not None:
-            await self.pool.stop()
+        if self._commands is not None:
+            await self._commands.close()
+        if self._command_server is not None:
+            await self._command_server.close()
+        if self.worker is not None:
+            await self.worker.stop()
         if self.sim_network is not None and self._owns_sim:
             await self.sim_network.close()
         if self.bus is not None:
@@ -188,10 +252,10 @@ class Runtime:
             raise
 
     async def _start_bus(self) -> EventBus:
-        if not self.config.redis_url:
+        if self._redis is None:
             bus: EventBus = LocalEventBus()
         else:
-            bus = RedisEventBus(self.config.redis_url)
+            bus = RedisEventBus(self._redis, channel_prefix=self.config.redis_prefix)
         try:
             await bus.start()
         except Exception as exc:

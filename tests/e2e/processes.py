@@ -36,7 +36,7 @@ class Process:
     def start(self) -> None:
         self.log = self.log_path.open("ab")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(  # noqa: S603 - our own console scripts
+        self.proc = subprocess.Popen(
             self.args, env={**os.environ, **self.env}, stdout=self.log, stderr=subprocess.STDOUT
         )
 

@@ -32,9 +32,7 @@ async def test_demo_starts_and_shows_life(tmp_path: Path) -> None:
         assert url in demo.text()
 
         async with aiohttp.ClientSession() as http:
-            async with http.post(
-                url + "/api/auth/login", json={"email": match[1], "password": match[2]}
-            ) as resp:
+            async with http.post(url + "/api/auth/login", json={"email": match[1], "password": match[2]}) as resp:
                 assert resp.status == 200
                 token = (await resp.json())["token"]
             headers = {"Authorization": f"Bearer {token}"}

@@ -191,7 +191,8 @@ async def test_killed_server_reconnects_devices_on_start(
             if device["status"] == "online":
                 pending.discard(device["id"])
         while pending:
-            event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online")
+            # The killed server's leases must expire first (WAMD_LEASE_TTL_S, 10 s by default).
+            event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=30.0)
             pending.discard(event["device_id"])
         await ws.close()
     finally:

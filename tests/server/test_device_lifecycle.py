@@ -139,9 +139,7 @@ async def test_logout_is_not_undone_by_a_late_connect(server: Server) -> None:
 
 async def test_concurrent_refreshes_keep_one_session(server: Server) -> None:
     device_id, jid = await paired_device(server)
-    answers = await asyncio.gather(
-        *[server.ok("POST", f"/api/devices/{device_id}/refresh") for _ in range(10)]
-    )
+    answers = await asyncio.gather(*[server.ok("POST", f"/api/devices/{device_id}/refresh") for _ in range(10)])
     assert {a["status"] for a in answers} == {"online"}
     stats = await server.sim("GET", "/stats")
     assert stats["double_connection_total"] == 0
@@ -182,9 +180,7 @@ async def test_inbound_messages_are_stored_once_and_announced(server: Server) ->
     assert sorted(stored) == sorted([wa_id, second])
 
 
-async def test_restart_reconnects_every_linked_device_without_qr(
-    make_server: ServerFactory, database_url: str
-) -> None:
+async def test_restart_reconnects_every_linked_device_without_qr(make_server: ServerFactory, database_url: str) -> None:
     network = SimNetwork(SimConfig(qr_first_s=5, qr_next_s=3, qr_codes=3))
     first = await make_server(database_url, sim_network=network, WAMD_CONNECTS_PER_SECOND="20")
     ws = await first.ws()

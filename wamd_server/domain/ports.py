@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -155,11 +155,12 @@ class UserRepository(Protocol):
         role: Role | None = None,
         is_active: bool | None = None,
         password_hash: str | None = None,
-    ) -> User | None: ...
+        keep_an_admin: bool = False,
+    ) -> User | None:
+        """Change a user. With `keep_an_admin`, atomically refuse (`Conflict`) if no other active admin remains."""
+        ...
 
-    async def delete(self, user_id: UUID) -> bool: ...
-
-    async def count_admins(self) -> int: ...
+    async def delete(self, user_id: UUID, *, keep_an_admin: bool = False) -> bool: ...
 
     async def touch_login(self, user_id: UUID, at: datetime) -> None: ...
 
@@ -194,7 +195,9 @@ class DeviceRepository(Protocol):
 
     async def get(self, device_id: UUID, scope: DeviceScope) -> Device | None: ...
 
-    async def list_page(self, scope: DeviceScope, limit: int, after: UUID | None) -> list[Device]: ...
+    async def list_page(self, scope: DeviceScope, limit: int, after: tuple[datetime, UUID] | None) -> list[Device]:
+        """Devices in creation order, after the (created_at, id) of the previous page's last one."""
+        ...
 
     async def patch(self, device_id: UUID, patch: DevicePatch) -> Device: ...
 
@@ -209,10 +212,6 @@ class DeviceRepository(Protocol):
         ...
 
     async def exists(self, device_ids: Sequence[UUID]) -> set[UUID]: ...
-
-    async def stuck_in_pairing(self) -> list[Device]:
-        """Devices left in `pairing` by a previous process (their QR session died with it)."""
-        ...
 
 
 class MessageRepository(Protocol):
@@ -253,3 +252,61 @@ class DeviceController(Protocol):
     async def remove(self, device_id: UUID) -> None:
         """Stop the device's session and unlink it; the caller deletes the row afterwards."""
         ...
+
+
+# --- Device workers ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class LiveWorker:
+    id: str
+    capacity: int
+    held: int
+
+
+class LeaseRepository(Protocol):
+    """Leases say which worker runs which device; an expired lease may be taken over."""
+
+    async def register(self, worker: WorkerInfo) -> None: ...
+
+    async def heartbeat(self, worker_id: str, ttl_s: float) -> set[UUID]:
+        """Renew the worker and all its leases; returns the devices it holds."""
+        ...
+
+    async def claim(self, worker_id: str, limit: int, ttl_s: float) -> list[UUID]:
+        """Take up to `limit` linked devices without a live lease."""
+        ...
+
+    async def assign(self, device_id: UUID, worker_id: str, ttl_s: float) -> str | None:
+        """Give a device to a worker unless another holds a live lease; returns the owner."""
+        ...
+
+    async def owner(self, device_id: UUID) -> str | None: ...
+
+    async def release(self, worker_id: str, device_ids: Iterable[UUID] | None = None) -> None: ...
+
+    async def live_workers(self, ttl_s: float) -> list[LiveWorker]: ...
+
+    async def needing_sessions(self) -> int: ...
+
+    async def idle_leases(self, worker_id: str, older_than_s: float) -> list[UUID]: ...
+
+    async def orphaned_pairings(self) -> list[UUID]: ...
+
+    async def forget_worker(self, worker_id: str) -> None: ...
+
+    async def prune_workers(self, older_than_s: float) -> int: ...
+
+
+class WorkerCommands(Protocol):
+    """Sends a device command to a worker process and returns its answer (raising its `DomainError`)."""
+
+    async def call(self, worker_id: str, op: str, device_id: UUID, args: dict[str, Any], timeout_s: float) -> Any: ...

@@ -90,6 +90,7 @@ class DevicePool:
         clock: Clock,
         connects_per_second: float = 50.0,
         connect_timeout_s: float = 20.0,
+        owns: Callable[[UUID], bool] = lambda device_id: True,
     ) -> None:
         self.transport = transport
         self._devices = devices
@@ -99,6 +100,8 @@ class DevicePool:
         self._clock = clock
         self._pacer = ConnectPacer(connects_per_second)
         self._connect_timeout_s = connect_timeout_s
+        self._owns = owns
+        self._adopt: asyncio.Queue[UUID] = asyncio.Queue()
         self._locks: dict[UUID, asyncio.Lock] = {}
         self._wanted: set[UUID] = set()
         self._outcomes: dict[UUID, list[asyncio.Future[DeviceStatus]]] = {}
@@ -123,18 +126,9 @@ class DevicePool:
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
-    async def start(self, *, reconnect: bool = True) -> None:
+    async def start(self) -> None:
         await self.transport.start(self.on_event)
-        for device in await self._devices.stuck_in_pairing():
-            await self._set_status(
-                device,
-                DeviceStatus.LOGGED_OUT if device.jid else DeviceStatus.UNPAIRED,
-                "pairing was interrupted by a restart; pair again",
-                qr_code=None,
-                qr_expires_at=None,
-            )
-        if reconnect:
-            self._spawn(self.reconnect_all(), "reconnect-all")
+        self._spawn(self._adopter(), "adopter")
 
     async def stop(self) -> None:
         for timer in self._timers.values():
@@ -150,17 +144,44 @@ class DevicePool:
             if device is not None and device.status in (DeviceStatus.ONLINE, DeviceStatus.CONNECTING):
                 await self._set_status(device, DeviceStatus.OFFLINE, "server stopped")
 
-    async def reconnect_all(self) -> int:
-        """Reconnect every linked device from its stored session, `connects_per_second` at a time."""
-        count = 0
-        for device in await self._devices.to_reconnect():
-            if device.banned_until and device.banned_until > self._clock.now():
-                self._reconnect_later(device.id, (device.banned_until - self._clock.now()).total_seconds())
-                continue
+    def adopt(self, device_id: UUID) -> None:
+        """Connect a device this worker now runs, from its stored session, paced with the others."""
+        self._adopt.put_nowait(device_id)
+
+    async def _adopter(self) -> None:
+        while True:
+            device_id = await self._adopt.get()
             await self._pacer.wait()
-            self._spawn(self._connect_stored(device.id, "reconnecting after start"), f"connect-{device.id}")
-            count += 1
-        return count
+            self._spawn(self._connect_stored(device_id, "connecting"), f"connect-{device_id}")
+
+    async def release(self, device_id: UUID, *, moving: bool = False) -> None:
+        """Stop running a device here (its lease went, or goes, to another worker); its stored state is the new
+        owner's to change, except when we hand it over on purpose (`moving`)."""
+        async with self._lock(device_id):
+            self._forget_runtime(device_id)
+            self._resolve(device_id, DeviceStatus.OFFLINE)
+            with contextlib.suppress(TransportError):
+                await self.transport.disconnect(device_id)
+            if moving:
+                device = await self._devices.get(device_id, EVERYTHING)
+                if device is not None and device.status is DeviceStatus.ONLINE:
+                    await self._set_status(device, DeviceStatus.CONNECTING, "moving to another worker")
+
+    async def release_all(self) -> None:
+        for device_id in tuple(self._wanted):
+            await self.release(device_id)
+
+    async def reset_interrupted_pairing(self, device_id: UUID) -> None:
+        async with self._lock(device_id):
+            device = await self._devices.get(device_id, EVERYTHING)
+            if device is not None and device.status is DeviceStatus.PAIRING and device_id not in self._wanted:
+                await self._set_status(
+                    device,
+                    self._unlinked_status(device),
+                    "pairing was interrupted; pair again",
+                    qr_code=None,
+                    qr_expires_at=None,
+                )
 
     def is_live(self, device_id: UUID) -> bool:
         return device_id in self._wanted
@@ -288,6 +309,9 @@ class DevicePool:
         try:
             while queue:
                 event = queue.popleft()
+                if not self._owns(device_id):
+                    # A late event of a session this worker gave up: the device's new owner reports its state.
+                    continue
                 try:
                     await self._handlers[type(event)](event)
                 except Exception:
@@ -450,9 +474,24 @@ class DevicePool:
     async def _connect_stored(self, device_id: UUID, reason: str) -> None:
         async with self._lock(device_id):
             device = await self._devices.get(device_id, EVERYTHING)
-            if device is None or device.jid is None or device.status not in RECONNECTABLE:
-                return  # deleted or logged out meanwhile
+            if device is None:
+                return
+            if device.status is DeviceStatus.PAIRING and device_id not in self._wanted:
+                await self._set_status(
+                    device,
+                    self._unlinked_status(device),
+                    "pairing was interrupted; pair again",
+                    qr_code=None,
+                    qr_expires_at=None,
+                )
+                return
+            if device.jid is None or device.status not in RECONNECTABLE:
+                return  # logged out meanwhile
             if device_id in self._wanted and device.status is DeviceStatus.ONLINE:
+                return
+            if device.banned_until and device.banned_until > self._clock.now():
+                self._wanted.add(device_id)
+                self._reconnect_later(device_id, (device.banned_until - self._clock.now()).total_seconds())
                 return
             await self._connect(device, reason)
 

@@ -33,7 +33,7 @@ class DeviceService:
         self._clock = clock
         self._region = phone_region
 
-    async def list_page(self, user: User, limit: int, after: UUID | None) -> list[Device]:
+    async def list_page(self, user: User, limit: int, after: tuple[datetime, UUID] | None) -> list[Device]:
         return await self._devices.list_page(scope_of(user), limit, after)
 
     async def get(self, user: User, device_id: UUID) -> Device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from uuid import UUID
@@ -30,6 +31,8 @@ class UserService:
     def __init__(self, users: UserRepository, devices: DeviceRepository) -> None:
         self._users = users
         self._devices = devices
+        # SQLite has no row locks: within one process, admin-count checks and changes take turns here.
+        self._admin_changes = asyncio.Lock()
 
     async def create(self, email: str, password: str, role: Role = Role.STAFF, name: str = "") -> User:
         email = normalise_email(email)
@@ -67,18 +70,20 @@ class UserService:
         password: str | None = None,
     ) -> User:
         target = await self.get(user_id)
-        demoting = target.is_admin and (role is Role.STAFF or is_active is False)
-        if demoting and await self._users.count_admins() <= 1:
-            raise Conflict("the last active admin cannot be demoted or deactivated")
+        # Only an active admin counts: demoting or deactivating an inactive one leaves the active admins as they are.
+        demoting = target.is_admin and target.is_active and (role is Role.STAFF or is_active is False)
         if password is not None:
             check_password(password)
-        updated = await self._users.update(
-            user_id,
-            name=name.strip() if name is not None else None,
-            role=role,
-            is_active=is_active,
-            password_hash=await hash_password(password) if password is not None else None,
-        )
+        password_hash = await hash_password(password) if password is not None else None
+        async with self._admin_changes:
+            updated = await self._users.update(
+                user_id,
+                name=name.strip() if name is not None else None,
+                role=role,
+                is_active=is_active,
+                password_hash=password_hash,
+                keep_an_admin=demoting,
+            )
         if updated is None:
             raise NotFound("user not found")
         return updated
@@ -87,9 +92,8 @@ class UserService:
         target = await self.get(user_id)
         if target.id == actor.id:
             raise Conflict("you cannot delete your own account")
-        if target.is_admin and target.is_active and await self._users.count_admins() <= 1:
-            raise Conflict("the last active admin cannot be deleted")
-        await self._users.delete(user_id)
+        async with self._admin_changes:
+            await self._users.delete(user_id, keep_an_admin=target.is_admin and target.is_active)
 
     async def grants(self, user_id: UUID) -> set[UUID]:
         await self.get(user_id)

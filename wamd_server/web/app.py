@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from wamd_server.domain.errors import Unauthorized
 from wamd_server.web import metrics
 from wamd_server.web.context import CTX, ApiContext
 from wamd_server.web.errors import error_middleware
@@ -27,7 +28,15 @@ def create_app(ctx: ApiContext, extra: Sequence[Endpoint] = ()) -> web.Applicati
     )
     app[CTX] = ctx
     app[metrics.METRICS] = metrics.ApiMetrics()
-    hub = Hub(ctx.user_repo)
+
+    async def session_valid(token: str) -> bool:
+        try:
+            await ctx.auth.user_for_token(token)
+        except Unauthorized:
+            return False
+        return True
+
+    hub = Hub(ctx.user_repo, session_valid)
     app[HUB] = hub
 
     endpoints = [ep for table in CORE_TABLES for ep in table.endpoints]

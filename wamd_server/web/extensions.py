@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -35,13 +37,26 @@ def plugin_endpoints(routes: Sequence[object]) -> list[Endpoint]:
             Endpoint(
                 method=method,
                 path=route.path,
-                handler=route.handler,
+                handler=_named(route.handler, route.path),
                 summary=route.summary or route.path,
                 tag=route.tag,
                 auth=route.auth,
             )
         )
     return endpoints
+
+
+def _named(handler: Callable[..., Awaitable[Any]], path: str) -> Callable[[web.Request], Awaitable[Any]]:
+    """The handler itself, or a named wrapper for one without `__name__` (a `functools.partial`, a callable
+    object): the OpenAPI operation id is built from the handler's name."""
+    if getattr(handler, "__name__", None):
+        return handler
+
+    async def plugin_route(request: web.Request) -> Any:
+        return await handler(request)
+
+    plugin_route.__name__ = "plugin_" + (re.sub(r"\W+", "_", path).strip("_") or "route")
+    return plugin_route
 
 
 SIM_SUMMARIES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 SEND_QUEUE = 512
 OVERFLOW_CLOSE_CODE = 4008
+# How long a closing connection may take to flush and answer the close frame. A client that does not read
+# at all would otherwise hold its connection (and whoever awaits the close) forever: aiohttp stops the
+# heartbeat once a close starts, and the close waits for the full send buffer to drain.
+CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,23 @@ class Subscription:
 
 
 class Connection:
-    def __init__(self, ws: web.WebSocketResponse, user: User, granted: set[UUID] | None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        user: User,
+        granted: set[UUID] | None,
+        transport: asyncio.Transport | None = None,
+        token: str = "",
+    ) -> None:
         self.ws = ws
         self.user = user
+        self.token = token  # kept to re-check the session when the user's access changes
         self.granted = granted  # None: sees every device (admin)
         self.subscriptions: dict[int, Subscription] = {}
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SEND_QUEUE)
         self.overflowed = False
+        self.closing: asyncio.Task[None] | None = None
+        self._transport = transport
 
     def may_see(self, event: BusEvent) -> bool:
         if event.device_id is not None:
@@ -58,21 +73,36 @@ class Connection:
                 self.send(proto.event(sub_id, payload))
 
     def send(self, message: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.overflowed = True
             log.warning("websocket of %s cannot keep up; disconnecting it", self.user.email)
-            asyncio.get_running_loop().create_task(
-                self.ws.close(code=OVERFLOW_CLOSE_CODE, message=b"send queue overflow")
-            )
+            self.disconnect(OVERFLOW_CLOSE_CODE, b"send queue overflow")
+
+    def disconnect(self, code: int, reason: bytes) -> None:
+        """Close in the background, so the caller (the hub, hence the bus) never waits on this client."""
+        if self.closing is None:
+            self.closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: bytes) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.ws.close(code=code, message=reason)
+        except TimeoutError:
+            log.warning("websocket of %s did not take its close frame; dropping the connection", self.user.email)
+            if self._transport is not None:
+                self._transport.abort()
 
 
 class Hub:
     """Fans bus events out to the WebSocket connections of this API process."""
 
-    def __init__(self, users: UserRepository) -> None:
+    def __init__(self, users: UserRepository, session_valid: Callable[[str], Awaitable[bool]]) -> None:
         self._users = users
+        self._session_valid = session_valid
         self.connections: set[Connection] = set()
 
     async def dispatch(self, event: BusEvent) -> None:
@@ -92,13 +122,20 @@ class Hub:
             granted = await self._users.granted_device_ids(user_id)
         for conn in affected:
             if user is None or not user.is_active:
-                await conn.ws.close(code=4001, message=b"account removed or deactivated")
+                conn.disconnect(4001, b"account removed or deactivated")
+                continue
+            if not await self._session_valid(conn.token):
+                conn.disconnect(4001, b"session ended")
                 continue
             conn.user, conn.granted = user, granted
 
     async def close_all(self) -> None:
+        closing = []
         for conn in tuple(self.connections):
-            await conn.ws.close(code=1001, message=b"server shutting down")
+            conn.disconnect(1001, b"server shutting down")
+            if conn.closing is not None:
+                closing.append(conn.closing)
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 HUB = web.AppKey("wamd_ws_hub", Hub)

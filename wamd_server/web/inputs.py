@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -99,7 +100,8 @@ def parse_uuids(values: Sequence[str], field: str) -> list[UUID]:
     return out
 
 
-def page_params(request: web.Request) -> tuple[int, UUID | None]:
+def page_params(request: web.Request) -> tuple[int, str | None]:
+    """`limit` and the decoded `cursor` (the sort key of the previous page's last item)."""
     raw_limit = request.query.get("limit", str(DEFAULT_LIMIT))
     try:
         limit = int(raw_limit)
@@ -111,14 +113,42 @@ def page_params(request: web.Request) -> tuple[int, UUID | None]:
     if not cursor:
         return limit, None
     try:
-        return limit, UUID(bytes=base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return limit, base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except ValueError:
-        raise InvalidInput("cursor is not one this server gave out", {"field": "cursor"}) from None
+        raise bad_cursor() from None
 
 
-def page(items: Sequence[Any], limit: int, last_id: UUID | None) -> dict[str, Any]:
-    """A list answer; `next_cursor` is set only when the page was full."""
+def bad_cursor() -> InvalidInput:
+    return InvalidInput("cursor is not one this server gave out", {"field": "cursor"})
+
+
+def id_cursor(raw: str | None) -> UUID | None:
+    """A cursor that is an item id (lists ordered by id)."""
+    if raw is None:
+        return None
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise bad_cursor() from None
+
+
+def time_id_cursor(raw: str | None) -> tuple[datetime, UUID] | None:
+    """A cursor that is `created_at|id` (lists ordered by creation): it stays valid if that item is deleted."""
+    if raw is None:
+        return None
+    try:
+        at, _, item = raw.partition("|")
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError(at)
+        return when, UUID(item)
+    except ValueError:
+        raise bad_cursor() from None
+
+
+def page(items: Sequence[Any], limit: int, last_key: str | None) -> dict[str, Any]:
+    """A list answer; `next_cursor` (the last item's sort key, opaque to clients) only when the page was full."""
     cursor = None
-    if len(items) == limit and last_id is not None:
-        cursor = base64.urlsafe_b64encode(last_id.bytes).decode().rstrip("=")
+    if len(items) == limit and last_key is not None:
+        cursor = base64.urlsafe_b64encode(last_key.encode()).decode().rstrip("=")
     return {"items": list(items), "next_cursor": cursor}

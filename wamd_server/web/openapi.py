@@ -48,11 +48,17 @@ def build_spec(endpoints: Sequence[Endpoint], version: str) -> dict[str, Any]:
     }
 
 
+def operation_id(ep: Endpoint) -> str:
+    """Unique by construction: one operation per method and path (`GET /api/devices/{id}` → get_devices_id)."""
+    words = re.sub(r"[^a-z0-9]+", "_", ep.path.lower().removeprefix("/api")).strip("_")
+    return f"{ep.method.lower()}_{words or 'root'}"
+
+
 def _operation(ep: Endpoint, refs: dict[type[BaseModel], Any]) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": ep.summary,
         "tags": [ep.tag],
-        "operationId": f"{ep.method.lower()}_{ep.handler.__name__}",
+        "operationId": operation_id(ep),
     }
     params = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -47,7 +47,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
-            reply = _handle(conn, msg.data)
+            reply = await _handle(request, conn, msg.data)
             if reply is not None:
                 conn.send(reply)
     finally:
@@ -72,7 +72,7 @@ async def _authenticate(request: web.Request, ws: web.WebSocketResponse) -> Conn
         return None
     granted = None if user.is_admin else await ctx.user_repo.granted_device_ids(user.id)
     await ws.send_json({"type": "auth_ok", "version": ctx.version})
-    return Connection(ws, user, granted)
+    return Connection(ws, user, granted, request.transport, message.token)
 
 
 async def _write(conn: Connection) -> None:
@@ -80,11 +80,11 @@ async def _write(conn: Connection) -> None:
         message = await conn.queue.get()
         try:
             await conn.ws.send_json(message)
-        except (ConnectionResetError, RuntimeError):
+        except (ConnectionError, RuntimeError):  # the client went away; the handler ends the connection
             return
 
 
-def _handle(conn: Connection, raw: str) -> dict[str, Any] | None:
+async def _handle(request: web.Request, conn: Connection, raw: str) -> dict[str, Any] | None:
     try:
         data = json.loads(raw)
         command = proto.Command.model_validate(data)
@@ -94,7 +94,7 @@ def _handle(conn: Connection, raw: str) -> dict[str, Any] | None:
     if command.type == "ping":
         return {"id": command.id, "type": "pong"}
     if command.type == "subscribe_events":
-        return _subscribe(conn, command.id, extra)
+        return await _subscribe(request, conn, command.id, extra)
     if command.type == "unsubscribe_events":
         try:
             sub = proto.UnsubscribeEvents.model_validate(extra)
@@ -106,7 +106,7 @@ def _handle(conn: Connection, raw: str) -> dict[str, Any] | None:
     return proto.error(command.id, "unknown_command", f"unknown command {command.type!r}")
 
 
-def _subscribe(conn: Connection, msg_id: int, extra: dict[str, Any]) -> dict[str, Any]:
+async def _subscribe(request: web.Request, conn: Connection, msg_id: int, extra: dict[str, Any]) -> dict[str, Any]:
     try:
         sub = proto.SubscribeEvents.model_validate(extra)
     except ValidationError:
@@ -124,6 +124,10 @@ def _subscribe(conn: Connection, msg_id: int, extra: dict[str, Any]) -> dict[str
         except ValueError:
             return proto.error(msg_id, "not_found", "device not found")
         if conn.granted is not None and device_id not in conn.granted:
+            return proto.error(msg_id, "not_found", "device not found")
+        try:  # a device that does not exist is not found for admins either (as at GET /api/devices/{id})
+            await request.app[CTX].devices.get(conn.user, device_id)
+        except DomainError:
             return proto.error(msg_id, "not_found", "device not found")
     if msg_id in conn.subscriptions:
         return proto.error(msg_id, "invalid_input", "this id is already used by a subscription")

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class RedisEventBus:
     kind = "redis"
 
-    def __init__(self, url: str, *, channel_prefix: str = "wamd") -> None:
-        self._redis: Redis = Redis.from_url(url)
+    def __init__(self, redis: Redis, *, channel_prefix: str = "wamd") -> None:
+        self._redis = redis
         self.channel = f"{channel_prefix}:events"
         self._handlers = HandlerSet()
         self._listener: asyncio.Task[None] | None = None
@@ -37,7 +37,6 @@ class RedisEventBus:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        await self._redis.aclose()
 
     async def publish(self, event: BusEvent) -> None:
         # Delivered back to this process too, through the listener: one path for local and remote events.

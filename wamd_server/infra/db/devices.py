@@ -93,12 +93,12 @@ class SqlDeviceRepository:
             row = (await conn.execute(query)).mappings().first()
         return device_from_row(row) if row else None
 
-    async def list_page(self, scope: DeviceScope, limit: int, after: UUID | None) -> list[Device]:
+    async def list_page(self, scope: DeviceScope, limit: int, after: tuple[datetime, UUID] | None) -> list[Device]:
         query = scoped(select(devices), scope).order_by(devices.c.created_at, devices.c.id).limit(limit)
         if after is not None:
-            anchor = select(devices.c.created_at).where(devices.c.id == after).scalar_subquery()
+            at, last_id = after
             query = query.where(
-                or_(devices.c.created_at > anchor, and_(devices.c.created_at == anchor, devices.c.id > after))
+                or_(devices.c.created_at > at, and_(devices.c.created_at == at, devices.c.id > last_id))
             )
         async with self._engine.connect() as conn:
             return [device_from_row(r) for r in (await conn.execute(query)).mappings()]
@@ -142,9 +142,3 @@ class SqlDeviceRepository:
         async with self._engine.connect() as conn:
             query = select(devices.c.id).where(devices.c.id.in_(list(device_ids)))
             return set((await conn.execute(query)).scalars())
-
-    async def stuck_in_pairing(self) -> list[Device]:
-        """Devices left in `pairing` by a previous process (their QR session died with it)."""
-        query = select(devices).where(devices.c.status == DeviceStatus.PAIRING.value)
-        async with self._engine.connect() as conn:
-            return [device_from_row(r) for r in (await conn.execute(query)).mappings()]

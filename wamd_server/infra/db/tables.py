@@ -129,3 +129,24 @@ messages = Table(
     UniqueConstraint("device_id", "wa_message_id"),
     Index("ix_messages_chat_time", "device_id", "chat_jid", "sent_at"),
 )
+
+# Device workers (processes that run WhatsApp sessions) and which worker owns which device.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("capacity", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+)
+
+device_leases = Table(
+    "device_leases",
+    metadata,
+    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("worker_id", String(64), nullable=False, index=True),
+    Column("acquired_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+)

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.models import Role, User
@@ -91,6 +91,7 @@ class SqlUserRepository:
         role: Role | None = None,
         is_active: bool | None = None,
         password_hash: str | None = None,
+        keep_an_admin: bool = False,
     ) -> User | None:
         values: dict[str, Any] = {"updated_at": datetime.now(UTC)}
         if name is not None:
@@ -102,21 +103,33 @@ class SqlUserRepository:
         if password_hash is not None:
             values["password_hash"] = password_hash
         async with self._engine.begin() as conn:
+            if keep_an_admin:
+                await self._ensure_another_admin(conn, user_id)
             await conn.execute(update(users).where(users.c.id == user_id).values(values))
             if is_active is False or password_hash is not None:
                 # Deactivation and password changes end every open session of that user.
                 await conn.execute(delete(api_tokens).where(api_tokens.c.user_id == user_id))
         return await self.get(user_id)
 
-    async def delete(self, user_id: UUID) -> bool:
+    async def delete(self, user_id: UUID, *, keep_an_admin: bool = False) -> bool:
         async with self._engine.begin() as conn:
+            if keep_an_admin:
+                await self._ensure_another_admin(conn, user_id)
             result = await conn.execute(delete(users).where(users.c.id == user_id))
         return bool(result.rowcount)
 
-    async def count_admins(self) -> int:
-        query = select(func.count()).select_from(users).where(users.c.role == Role.ADMIN.value, users.c.is_active)
-        async with self._engine.connect() as conn:
-            return int((await conn.execute(query)).scalar_one())
+    @staticmethod
+    async def _ensure_another_admin(conn: AsyncConnection, user_id: UUID) -> None:
+        """Raise unless an active admin other than `user_id` remains. Locks every active admin row, in id order
+        so concurrent callers queue instead of deadlocking; the loser then sees the winner's change."""
+        admins = (
+            select(users.c.id)
+            .where(users.c.role == Role.ADMIN.value, users.c.is_active)
+            .order_by(users.c.id)
+            .with_for_update()
+        )
+        if not [a for a in (await conn.execute(admins)).scalars() if a != user_id]:
+            raise Conflict("the last active admin cannot be demoted, deactivated or deleted")
 
     async def touch_login(self, user_id: UUID, at: datetime) -> None:
         async with self._engine.begin() as conn:

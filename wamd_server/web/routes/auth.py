@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from wamd_server.domain.models import User
+from wamd_server.domain.ports import BusEvent
 from wamd_server.protocol import dto
+from wamd_server.protocol.events import ACCESS_CHANGED
 from wamd_server.web.context import CTX
 from wamd_server.web.inputs import json_body, user_of
 from wamd_server.web.routing import TOKEN, RouteTable
@@ -50,6 +52,8 @@ async def login(request: web.Request) -> web.Response:
 @routes.post("/api/auth/logout", summary="End this token's session", tag="auth", response=dto.Ok)
 async def logout(request: web.Request) -> web.Response:
     await request.app[CTX].auth.logout(request[TOKEN])
+    # WebSockets opened with this token close too.
+    await request.app[CTX].bus.publish(BusEvent(ACCESS_CHANGED, {"user_id": str(user_of(request).id)}))
     return web.json_response({"ok": True})
 
 

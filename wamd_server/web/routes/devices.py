@@ -10,7 +10,7 @@ from wamd_server.domain.ports import BusEvent
 from wamd_server.protocol import dto
 from wamd_server.protocol.events import ACCESS_CHANGED
 from wamd_server.web.context import CTX
-from wamd_server.web.inputs import json_body, page, page_params, path_id, user_of
+from wamd_server.web.inputs import json_body, page, page_params, path_id, time_id_cursor, user_of
 from wamd_server.web.routes.users import PAGING
 from wamd_server.web.routing import RouteTable
 
@@ -38,9 +38,10 @@ def device_out(device: Device) -> dict[str, object]:
     "/api/devices", summary="Devices the caller may see", tag="devices", response=dto.Page[dto.DeviceOut], query=PAGING
 )
 async def list_devices(request: web.Request) -> web.Response:
-    limit, after = page_params(request)
-    devices = await request.app[CTX].devices.list_page(user_of(request), limit, after)
-    return web.json_response(page([device_out(d) for d in devices], limit, devices[-1].id if devices else None))
+    limit, cursor = page_params(request)
+    devices = await request.app[CTX].devices.list_page(user_of(request), limit, time_id_cursor(cursor))
+    last = f"{devices[-1].created_at.isoformat()}|{devices[-1].id}" if devices else None
+    return web.json_response(page([device_out(d) for d in devices], limit, last))
 
 
 @routes.post(

@@ -9,7 +9,7 @@ from wamd_server.domain.ports import BusEvent
 from wamd_server.protocol import dto
 from wamd_server.protocol.events import ACCESS_CHANGED
 from wamd_server.web.context import CTX
-from wamd_server.web.inputs import json_body, page, page_params, parse_uuids, path_id, user_of
+from wamd_server.web.inputs import id_cursor, json_body, page, page_params, parse_uuids, path_id, user_of
 from wamd_server.web.routes.auth import user_out
 from wamd_server.web.routing import QueryParam, RouteTable
 
@@ -23,10 +23,10 @@ async def access_changed(request: web.Request, user_id: object) -> None:
 
 @routes.get("/api/users", summary="List users", tag="users", auth="admin", response=dto.Page[dto.UserOut], query=PAGING)
 async def list_users(request: web.Request) -> web.Response:
-    limit, after = page_params(request)
-    users = await request.app[CTX].users.list_page(limit, after)
+    limit, cursor = page_params(request)
+    users = await request.app[CTX].users.list_page(limit, id_cursor(cursor))
     items = [user_out(u).model_dump(mode="json") for u in users]
-    return web.json_response(page(items, limit, users[-1].id if users else None))
+    return web.json_response(page(items, limit, str(users[-1].id) if users else None))
 
 
 @routes.post(

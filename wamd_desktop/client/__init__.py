@@ -1,0 +1,1 @@
+"""Qt-free REST and WebSocket client of the wamd server (imports only wamd_server.protocol)."""

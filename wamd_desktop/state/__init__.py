@@ -1,0 +1,1 @@
+"""Qt-free observable stores of the desktop app."""

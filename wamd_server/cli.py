@@ -12,9 +12,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wamd_server import __version__
 from wamd_server.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from wamd_server.runtime import Role
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -28,11 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="throw-away demo on SQLite and the simulated network")
     parser.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default: PORT or 3000)")
+    parser.add_argument(
+        "--workers", type=int, metavar="K", help="run K device worker processes beside the API (needs REDIS_URL)"
+    )
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="API, planners and an in-process device worker (the default)")
     serve.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--host", help=argparse.SUPPRESS)
     serve.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    sub.add_parser("api", help="the API only; device workers run as `wamd-server worker` (needs REDIS_URL)")
+    worker = sub.add_parser("worker", help="a device worker process (needs REDIS_URL)")
+    worker.add_argument("--capacity", type=int, metavar="N", help="most devices this worker runs (default 1000)")
     sub.add_parser("migrate", help="apply database migrations and exit")
     create = sub.add_parser("create-user", help="create a user (admin or staff)")
     create.add_argument("--email", required=True)
@@ -56,21 +67,34 @@ def run(argv: Sequence[str] | None = None) -> int:
             if not 0 <= args.port <= 65535:
                 raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
             config = config.with_overrides(port=args.port)
+        capacity = getattr(args, "capacity", None)
+        if capacity is not None:
+            if capacity < 1:
+                raise ConfigError(f"--capacity must be at least 1, got {capacity}")
+            config = config.with_overrides(worker_capacity=capacity)
+        if args.workers is not None and not 1 <= args.workers <= 64:
+            raise ConfigError(f"--workers must be between 1 and 64, got {args.workers}")
     except ConfigError as exc:
         print(f"wamd-server: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(config.log_level)
 
-    from wamd_server.runtime import StartupError  # after config: importing the runtime loads the server stack
+    from wamd_server.runtime import Role, StartupError  # after config: importing the runtime loads the server stack
 
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(config))
         if args.command == "create-user":
             return asyncio.run(_create_user(config, args))
+        if args.command == "worker":
+            return asyncio.run(_worker(config))
         if args.demo:
             return _demo(config)
-        return asyncio.run(_serve(config))
+        if args.command == "api":
+            return asyncio.run(_serve(config, Role.API))
+        if args.workers:
+            return asyncio.run(_serve(config, Role.API, workers=args.workers))
+        return asyncio.run(_serve(config, Role.SERVE))
     except (StartupError, ConfigError) as exc:
         print(f"wamd-server: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_STARTUP
@@ -99,20 +123,42 @@ def _stop_signal() -> asyncio.Future[None]:
     return stopped
 
 
-async def _serve(config: Config) -> int:
-    from wamd_server.runtime import Runtime
+async def _serve(config: Config, role: Role, *, workers: int = 0) -> int:
+    from wamd_server.runtime import Role, Runtime
+    from wamd_server.supervisor import WorkerSupervisor
 
-    runtime = Runtime(config)
+    runtime = Runtime(config, role)
+    if workers:
+        runtime.check_role()  # before starting anything: --workers needs Redis (and a standalone simulator)
+    supervisor = WorkerSupervisor(workers, config.worker_capacity) if workers else None
     stopped = _stop_signal()
     try:
         await runtime.start()
+        if supervisor is not None:
+            await supervisor.start()
         logging.getLogger("wamd").info(
-            "wamd %s listening on %s (transport %s, bus %s)",
+            "wamd %s listening on %s (transport %s, bus %s, %s)",
             __version__,
             runtime.url,
             config.transport,
             "redis" if config.redis_url else "local",
+            f"{workers} worker processes" if workers else ("no worker" if role is Role.API else "in-process worker"),
         )
+        await stopped
+    finally:
+        if supervisor is not None:
+            await supervisor.stop()
+        await runtime.stop()
+    return 0
+
+
+async def _worker(config: Config) -> int:
+    from wamd_server.runtime import Role, Runtime
+
+    runtime = Runtime(config, Role.WORKER)
+    stopped = _stop_signal()
+    try:
+        await runtime.start()
         await stopped
     finally:
         await runtime.stop()

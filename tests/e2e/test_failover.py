@@ -1,0 +1,132 @@
+"""Failover on Postgres + Redis + a standalone wamd-sim: one API process, two worker processes, 200 linked
+devices; one worker is killed with SIGKILL and the other takes its devices over."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+
+from tests.conftest import ADMIN_EMAIL, truncate_all
+from tests.e2e.processes import Process, free_port, wamd_server, wamd_sim
+from tests.e2e.test_device_acceptance import Client
+
+DEVICES = 200
+TAKEOVER_DEADLINE_S = 30.0
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> AsyncIterator[tuple[Client, list[Process], str]]:
+    truncate_all(pg_url)
+    sim_port, api_port = free_port(), free_port()
+    sim = wamd_sim(sim_port, tmp_path)
+    sim.start()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    await sim.wait_http(sim_url + "/api/health")
+    env = {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "WAMD_REDIS_PREFIX": f"failover-{secrets.token_hex(3)}",
+        "WAMD_TRANSPORT": "sim",
+        "WAMD_SIM_URL": sim_url,
+        "PORT": str(api_port),
+        "WAMD_ADMIN_EMAIL": ADMIN_EMAIL,
+        "WAMD_ADMIN_PASSWORD": secrets.token_urlsafe(12),
+        "WAMD_CONNECTS_PER_SECOND": "100",
+    }
+    api = wamd_server(env, tmp_path, "api")
+    api.start()
+    await api.wait_http(f"http://127.0.0.1:{api_port}/api/health")
+    workers = []
+    for n in range(2):
+        worker = Process(
+            [*wamd_server(env, tmp_path).args, "worker", "--capacity", "500"], env, tmp_path / f"worker-{n}.log"
+        )
+        worker.start()
+        workers.append(worker)
+    async with aiohttp.ClientSession() as http:
+        client = Client(http, f"http://127.0.0.1:{api_port}", sim_url)
+        login = {"email": ADMIN_EMAIL, "password": env["WAMD_ADMIN_PASSWORD"]}
+        client.token = (await client.call("POST", "/api/auth/login", login))["token"]
+        await wait_for_workers(pg_url, 2)
+        yield client, workers, sim_url
+    for proc in [*workers, api, sim]:
+        proc.stop()
+
+
+async def wait_for_workers(pg_url: str, count: int) -> None:
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with psycopg.connect(dsn) as conn:
+            live = conn.execute("SELECT count(*) FROM workers WHERE heartbeat_at > now() - interval '10 s'")
+            if live.fetchone()[0] >= count:  # type: ignore[index]
+                return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the workers did not register")
+
+
+def owners(pg_url: str) -> dict[str, str]:
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        return {str(d): w for d, w in conn.execute("SELECT device_id, worker_id FROM device_leases")}
+
+
+async def test_killed_worker_devices_come_back_on_the_other(
+    cluster: tuple[Client, list[Process], str], pg_url: str
+) -> None:
+    client, workers, sim_url = cluster
+    ws = await client.ws()
+    ids = []
+    for n in range(DEVICES):
+        device_id = (await client.call("POST", "/api/devices", {"name": f"Device {n}"}))["id"]
+        await client.call("POST", f"/api/devices/{device_id}/pair", {"method": "qr"})
+        qr = await ws.wait_event("device.qr", device_id)
+        await client.sim("/scan", {"qr": qr["code"], "phone": f"60123{n:06d}"})
+        ids.append(device_id)
+    online: set[str] = {d["id"] for d in (await client.call("GET", "/api/devices?limit=1000"))["items"]
+                        if d["status"] == "online"}
+    while len(online) < DEVICES:
+        event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=30)
+        online.add(event["device_id"])
+
+    held = owners(pg_url)
+    assert set(held) == set(ids)
+    by_worker: dict[str, list[str]] = {}
+    for device_id, worker_id in held.items():
+        by_worker.setdefault(worker_id, []).append(device_id)
+    assert len(by_worker) == 2, "commands spread the devices over both workers"
+
+    victim_pid = workers[0].proc.pid  # type: ignore[union-attr]
+    victim = next(w for w in by_worker if f"-{victim_pid}-" in w)
+    orphaned = set(by_worker[victim])
+    killed_at = time.monotonic()
+    workers[0].stop(signal.SIGKILL)
+
+    # Every device of the killed worker reports online again (from the survivor), without a QR.
+    pending = set(orphaned)
+    while pending:
+        remaining = TAKEOVER_DEADLINE_S - (time.monotonic() - killed_at)
+        event = await ws.wait_event(
+            "device.status", test=lambda e: e["status"] == "online", timeout=max(remaining, 0.1)
+        )
+        pending.discard(event["device_id"])
+    took = time.monotonic() - killed_at
+    print(f"takeover of {len(orphaned)} devices took {took:.1f}s")
+
+    survivor = next(w for w in by_worker if w != victim)
+    assert set(owners(pg_url).values()) == {survivor}
+    devices = (await client.call("GET", "/api/devices?limit=1000"))["items"]
+    assert {d["status"] for d in devices} == {"online"}
+    async with aiohttp.ClientSession() as http, http.get(sim_url + "/api/sim/stats") as resp:
+        stats = await resp.json()
+    assert stats["double_connection_total"] == 0
+    assert len(stats["online"]) == DEVICES
+    await ws.close()

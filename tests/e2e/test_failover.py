@@ -91,8 +91,9 @@ async def test_killed_worker_devices_come_back_on_the_other(
         qr = await ws.wait_event("device.qr", device_id)
         await client.sim("/scan", {"qr": qr["code"], "phone": f"60123{n:06d}"})
         ids.append(device_id)
-    online: set[str] = {d["id"] for d in (await client.call("GET", "/api/devices?limit=1000"))["items"]
-                        if d["status"] == "online"}
+    online: set[str] = {
+        d["id"] for d in (await client.call("GET", "/api/devices?limit=1000"))["items"] if d["status"] == "online"
+    }
     while len(online) < DEVICES:
         event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=30)
         online.add(event["device_id"])

@@ -290,8 +290,11 @@ def server_env(database_url: str, data_dir: Path, admin_password: str, **extra: 
 async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     """Start real servers (Runtime + aiohttp on a free port); each is stopped after the test."""
     started: list[Server] = []
-    # One admin password per test: servers started on the same database share the admin account.
+    networks: list[SimNetwork] = []
+    # Per test: servers on the same database share the admin account, servers on the same Redis their
+    # channels (and no other test's).
     password = secrets.token_urlsafe(12)
+    redis_prefix = f"test-{secrets.token_hex(4)}"
 
     async def make(
         database_url: str,
@@ -307,6 +310,9 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
             extra["WAMD_SIM_URL"] = sim_url
         if redis_url:
             extra["REDIS_URL"] = redis_url
+            extra.setdefault("WAMD_REDIS_PREFIX", redis_prefix)
+        if sim_network is not None and sim_network not in networks:
+            networks.append(sim_network)
         config = load_config(server_env(database_url, tmp_path / f"data-{uuid.uuid4().hex[:6]}", password, **extra))
         runtime = Runtime(config)
         for plugin in plugins or []:
@@ -322,6 +328,8 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     yield make
     for server in reversed(started):
         await server.close()
+    for network in networks:
+        await network.close()
 
 
 @pytest.fixture

@@ -45,6 +45,9 @@ class Config:
     lease_ttl_s: float = 10.0
     worker_capacity: int = 1000
     phone_region: str = "MY"
+    watchdog_interval_s: float = 30.0
+    probe_timeout_s: float = 10.0
+    send_ack_timeout_s: float = 30.0
     demo: bool = False
 
     @property
@@ -195,5 +198,8 @@ def load_config(env: Mapping[str, str] | None = None, *, demo: bool = False) -> 
         lease_ttl_s=_float(env, "WAMD_LEASE_TTL_S", 10.0, 1.0, 600.0),
         worker_capacity=_int(env, "WAMD_WORKER_CAPACITY", 1000, 1, 100_000),
         phone_region=phone_region,
+        watchdog_interval_s=_float(env, "WAMD_WATCHDOG_INTERVAL_S", 30.0, 0.1, 3600.0),
+        probe_timeout_s=_float(env, "WAMD_PROBE_TIMEOUT_S", 10.0, 0.1, 600.0),
+        send_ack_timeout_s=_float(env, "WAMD_SEND_ACK_TIMEOUT_S", 30.0, 1.0, 3600.0),
         demo=demo,
     )

@@ -47,6 +47,7 @@ from wamd_server.services.device_router import DeviceRouter
 from wamd_server.services.devices import DeviceService
 from wamd_server.services.hooks import HookCaller
 from wamd_server.services.users import UserService
+from wamd_server.services.watchdog import WatchdogSettings
 from wamd_server.services.worker import DeviceWorker, LeaseTiming
 from wamd_server.sim.control import control_routes
 from wamd_server.sim.network import SimNetwork
@@ -193,7 +194,14 @@ class Runtime:
             owns=lambda device_id: device_id in held,
         )
         info = WorkerInfo(worker_id(), socket.gethostname(), os.getpid(), cfg.worker_capacity)
-        self.worker = DeviceWorker(info, self.pool, leases, LeaseTiming.for_ttl(cfg.lease_ttl_s), held=held)
+        watchdog = WatchdogSettings(
+            interval_s=cfg.watchdog_interval_s,
+            probe_timeout_s=cfg.probe_timeout_s,
+            send_ack_timeout_s=cfg.send_ack_timeout_s,
+        )
+        self.worker = DeviceWorker(
+            info, self.pool, leases, LeaseTiming.for_ttl(cfg.lease_ttl_s), held=held, watchdog=watchdog
+        )
         await self.worker.start()
         if self._redis is not None:
             self._command_server = RedisCommandServer(self._redis, cfg.redis_prefix, info.id, self.worker.execute)

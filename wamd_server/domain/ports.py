@@ -85,6 +85,10 @@ class Transport(Protocol):
 
     async def set_typing(self, device_id: UUID, chat_jid: str, typing: bool) -> None: ...
 
+    async def probe(self, device_id: UUID, timeout_s: float) -> bool:
+        """Whether the device's session answers WhatsApp-side within `timeout_s` (for the health watchdog)."""
+        ...
+
 
 class SessionStore(Protocol):
     """Where a transport keeps a device's credentials (the simulator client's equivalent of whatsmeow's store)."""

@@ -52,6 +52,9 @@ LOGOUT_REASONS = {
 
 # What `refresh` answers: a device status, or that the device must be paired again.
 QR_REQUIRED = "qr_required"
+# Reconnect delays after failures (connect refused, link not answering), growing per attempt.
+RETRY_DELAYS_S = (2.0, 5.0, 15.0, 60.0, 300.0)
+SUSPECT_DISCONNECT_TIMEOUT_S = 5.0
 
 
 class ConnectPacer:
@@ -102,6 +105,8 @@ class DevicePool:
         self._connect_timeout_s = connect_timeout_s
         self._owns = owns
         self._adopt: asyncio.Queue[UUID] = asyncio.Queue()
+        self._online: set[UUID] = set()  # connected, as the last transport event said
+        self._retries: dict[UUID, int] = {}  # reconnects since the device was last online, for the backoff
         self._locks: dict[UUID, asyncio.Lock] = {}
         self._wanted: set[UUID] = set()
         self._outcomes: dict[UUID, list[asyncio.Future[DeviceStatus]]] = {}
@@ -185,6 +190,25 @@ class DevicePool:
 
     def is_live(self, device_id: UUID) -> bool:
         return device_id in self._wanted
+
+    def online_devices(self) -> list[UUID]:
+        return [d for d in self._online if d in self._wanted]
+
+    async def suspect(self, device_id: UUID, reason: str) -> None:
+        """The device's link looks dead: drop the session and reconnect with backoff (never a device a user
+        logged out or WhatsApp banned)."""
+        async with self._lock(device_id):
+            device = await self._devices.get(device_id, EVERYTHING)
+            if device is None or device_id not in self._wanted:
+                return
+            if device.status in (DeviceStatus.LOGGED_OUT, DeviceStatus.BANNED, DeviceStatus.PAIRING):
+                return
+            self._online.discard(device_id)
+            delay = self._retry_later(device_id)
+            await self._set_status(device, DeviceStatus.CONNECTING, f"{reason}; reconnecting in {delay:.0f} s")
+            # A dead link may not even close cleanly: bounded, and the reconnect replaces the session anyway.
+            with contextlib.suppress(TransportError, TimeoutError):
+                await asyncio.wait_for(self.transport.disconnect(device_id), SUSPECT_DISCONNECT_TIMEOUT_S)
 
     async def settled(self) -> None:
         """Wait until every transport event received so far has been handled (for orderly shutdown and tests)."""
@@ -364,6 +388,8 @@ class DevicePool:
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is None:
             return
+        self._online.add(event.device_id)
+        self._retries.pop(event.device_id, None)
         await self._set_status(
             device,
             DeviceStatus.ONLINE,
@@ -376,20 +402,30 @@ class DevicePool:
         self._resolve(event.device_id, DeviceStatus.ONLINE)
 
     async def _on_disconnected(self, event: te.Disconnected) -> None:
+        self._online.discard(event.device_id)
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is None or device.status not in (DeviceStatus.ONLINE, DeviceStatus.CONNECTING):
             return
-        retrying = event.will_retry and event.device_id in self._wanted
-        status = DeviceStatus.CONNECTING if retrying else DeviceStatus.OFFLINE
-        reason = f"connection lost ({event.reason})" + ("; reconnecting" if retrying else "")
+        wanted = event.device_id in self._wanted
+        reason = f"connection lost ({event.reason})"
+        if event.will_retry and wanted:
+            status, reason = DeviceStatus.CONNECTING, reason + "; reconnecting"
+        elif wanted:  # the transport gave up; we try again, later and later
+            status, reason = DeviceStatus.OFFLINE, f"{reason}; retrying in {self._retry_later(event.device_id):.0f} s"
+        else:
+            status = DeviceStatus.OFFLINE
         await self._set_status(device, status, reason, last_seen_at=self._clock.now())
-        if not retrying:
+        if status is DeviceStatus.OFFLINE:
             self._resolve(event.device_id, DeviceStatus.OFFLINE)
 
     async def _on_connect_failure(self, event: te.ConnectFailure) -> None:
+        self._online.discard(event.device_id)
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is not None and device.status is not DeviceStatus.LOGGED_OUT:
-            await self._set_status(device, DeviceStatus.OFFLINE, f"could not connect: {event.reason}")
+            reason = f"could not connect: {event.reason}"
+            if event.device_id in self._wanted:
+                reason += f"; retrying in {self._retry_later(event.device_id):.0f} s"
+            await self._set_status(device, DeviceStatus.OFFLINE, reason)
         self._resolve(event.device_id, DeviceStatus.OFFLINE)
 
     async def _on_logged_out(self, event: te.LoggedOut) -> None:
@@ -411,6 +447,7 @@ class DevicePool:
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is None:
             return
+        self._online.discard(event.device_id)
         until = self._clock.now() + timedelta(seconds=event.expires_in_s)
         reason = f"temporarily banned by WhatsApp ({event.code}) until {until.isoformat(timespec='seconds')}"
         await self._set_status(device, DeviceStatus.BANNED, reason, banned_until=until)
@@ -419,7 +456,7 @@ class DevicePool:
             self._reconnect_later(event.device_id, event.expires_in_s)
 
     async def _on_stream_replaced(self, event: te.StreamReplaced) -> None:
-        self._wanted.discard(event.device_id)
+        self._forget_runtime(event.device_id)
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is not None:
             await self._set_status(
@@ -467,7 +504,10 @@ class DevicePool:
             self._resolve(device.id, DeviceStatus.LOGGED_OUT)
             return False
         except TransportError as exc:
-            await self._set_status(device, DeviceStatus.OFFLINE, f"could not connect: {exc.message}")
+            delay = self._retry_later(device.id)
+            await self._set_status(
+                device, DeviceStatus.OFFLINE, f"could not connect: {exc.message}; retrying in {delay:.0f} s"
+            )
             self._resolve(device.id, DeviceStatus.OFFLINE)
         return True
 
@@ -494,6 +534,14 @@ class DevicePool:
                 self._reconnect_later(device_id, (device.banned_until - self._clock.now()).total_seconds())
                 return
             await self._connect(device, reason)
+
+    def _retry_later(self, device_id: UUID) -> float:
+        """Schedule the next reconnect of a wanted device after a failure; returns the delay."""
+        attempt = self._retries.get(device_id, 0)
+        self._retries[device_id] = attempt + 1
+        delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+        self._reconnect_later(device_id, delay)
+        return delay
 
     def _reconnect_later(self, device_id: UUID, delay_s: float) -> None:
         old = self._timers.pop(device_id, None)
@@ -530,6 +578,8 @@ class DevicePool:
 
     def _forget_runtime(self, device_id: UUID) -> None:
         self._wanted.discard(device_id)
+        self._online.discard(device_id)
+        self._retries.pop(device_id, None)
         timer = self._timers.pop(device_id, None)
         if timer is not None:
             timer.cancel()

@@ -20,6 +20,7 @@ from uuid import UUID
 from wamd_server.domain.errors import DomainError, InvalidInput
 from wamd_server.domain.ports import LeaseRepository, WorkerInfo
 from wamd_server.services.device_pool import DevicePool
+from wamd_server.services.watchdog import HealthWatchdog, WatchdogSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ class DeviceWorker:
         timing: LeaseTiming | None = None,
         *,
         held: set[UUID] | None = None,
+        watchdog: WatchdogSettings | None = None,
     ) -> None:
         self.info = info
         self.pool = pool
+        self.watchdog = HealthWatchdog(pool, watchdog)
         self._leases = leases
         self.timing = timing or LeaseTiming()
         # Shared with the pool, which drops late events of devices no longer held here. Updated in place.
@@ -75,8 +78,10 @@ class DeviceWorker:
         await self.pool.start()
         await self.tick()
         self._loop = asyncio.create_task(self._run(), name=f"worker-{self.id}")
+        self.watchdog.start()
 
     async def stop(self) -> None:
+        await self.watchdog.stop()
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,7 +132,7 @@ class DeviceWorker:
         live = await self._leases.live_workers(self.timing.ttl_s)
         needing = await self._leases.needing_sessions()
         fair = math.ceil(needing / max(1, len(live)))
-        slack = max(2, fair // 20)
+        slack = max(1, fair // 20)  # tolerance before handing devices over, so workers do not trade back and forth
         target = min(self.info.capacity, fair + slack)
         if len(self.held) < target:
             for device_id in await self._leases.claim(self.id, target - len(self.held), self.timing.ttl_s):

@@ -80,6 +80,7 @@ class PhoneFaults:
     fail_rate: float | None = None
     latency_ms: int | None = None
     not_on_whatsapp: bool | None = None
+    unresponsive: bool | None = None  # the phone's sessions stop answering requests (a hung connection)
 
 
 @dataclass(slots=True)
@@ -87,6 +88,7 @@ class GlobalFaults:
     fail_rate: float = 0.0
     latency_ms: int = 0
     not_on_whatsapp: bool = False
+    unresponsive: bool = False
 
 
 @dataclass(slots=True)

@@ -120,6 +120,7 @@ def control_routes(network: SimNetwork) -> list[Route]:
             fail_rate=body.fail_rate,
             latency_ms=body.latency_ms,
             not_on_whatsapp=body.not_on_whatsapp,
+            unresponsive=body.unresponsive,
         )
         return _answer(OkOut())
 

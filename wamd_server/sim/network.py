@@ -8,6 +8,7 @@ network through links (`open_link`), with the frames of the link protocol (docs/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -40,6 +41,7 @@ from wamd_server.sim.schemas import (
     LogoutRequest,
     PairCodeRequest,
     PairQrRequest,
+    PingRequest,
     ReadRequest,
     SendRequest,
     TypingRequest,
@@ -74,6 +76,7 @@ class SimNetwork:
         self._phone_faults: dict[str, PhoneFaults] = {}
         self._stats = SimStats()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._answering = asyncio.Event()  # set (and replaced) whenever an `unresponsive` fault is lifted
 
     # --- links ----------------------------------------------------------------------------------------
 
@@ -101,11 +104,20 @@ class SimNetwork:
             request = LINK_REQUEST.validate_python(frame)
         except ValidationError as exc:
             return _fail(req, "bad_request", describe(exc))
+        if not isinstance(request, DisconnectRequest):  # closing a socket needs no answer from the server
+            await self._hang_if_unresponsive(link, request.sid)
         try:
             result = await self._dispatch(link, request)
         except SimError as exc:
             return _fail(req, exc.code, exc.message)
         return {"re": req, "ok": True, **result}
+
+    async def _hang_if_unresponsive(self, link: Link, sid: str) -> None:
+        """Requests of a session whose phone is marked `unresponsive` get no answer until the fault is lifted."""
+        session = link.sessions.get(sid)
+        while session is not None and self._fault(session.device.phone, "unresponsive") and not link.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answering.wait(), 1.0)
 
     async def _dispatch(self, link: Link, request: Any) -> dict[str, Any]:
         match request:
@@ -128,7 +140,7 @@ class SimNetwork:
                 self._live_session(link, request.sid)
                 self._stats.reads_by_devices += len(request.ids)
                 return {}
-            case TypingRequest():
+            case TypingRequest() | PingRequest():
                 self._live_session(link, request.sid)
                 return {}
         raise SimInvalid("unsupported request", code="bad_request")  # pragma: no cover - union is exhaustive
@@ -449,6 +461,7 @@ class SimNetwork:
         fail_rate: float | None = None,
         latency_ms: int | None = None,
         not_on_whatsapp: bool | None = None,
+        unresponsive: bool | None = None,
     ) -> None:
         """Inject faults for one phone, or for all when `phone` is None. Values left None are unchanged."""
         if fail_rate is not None and not 0.0 <= fail_rate <= 1.0:
@@ -466,6 +479,8 @@ class SimNetwork:
                 faults.latency_ms = latency_ms
             if not_on_whatsapp is not None:
                 faults.not_on_whatsapp = not_on_whatsapp
+            if unresponsive is not None:
+                faults.unresponsive = unresponsive
             accounts = [self._account(phone)]
         else:
             if fail_rate is not None:
@@ -474,7 +489,12 @@ class SimNetwork:
                 self._faults.latency_ms = latency_ms
             if not_on_whatsapp is not None:
                 self._faults.not_on_whatsapp = not_on_whatsapp
+            if unresponsive is not None:
+                self._faults.unresponsive = unresponsive
             accounts = list(self._accounts.values())
+        if unresponsive is False:
+            self._answering.set()
+            self._answering = asyncio.Event()
         if ban_seconds is not None:
             for account in accounts:
                 self._ban(account, ban_seconds)

@@ -86,6 +86,7 @@ class FaultsBody(_Body):
     fail_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     latency_ms: Annotated[int, Field(ge=0, le=600_000)] | None = None
     not_on_whatsapp: bool | None = None
+    unresponsive: bool | None = None
 
 
 class ReadBody(_Body):
@@ -220,6 +221,12 @@ class TypingRequest(_LinkRequest):
     state: Literal["composing", "paused"]
 
 
+class PingRequest(_LinkRequest):
+    """Is this session still served? (the client's health probe)"""
+
+    op: Literal["ping"]
+
+
 LinkRequest = Annotated[
     PairQrRequest
     | PairCodeRequest
@@ -228,7 +235,8 @@ LinkRequest = Annotated[
     | LogoutRequest
     | SendRequest
     | ReadRequest
-    | TypingRequest,
+    | TypingRequest
+    | PingRequest,
     Field(discriminator="op"),
 ]
 LINK_REQUEST: TypeAdapter[LinkRequest] = TypeAdapter(LinkRequest)

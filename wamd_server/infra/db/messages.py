@@ -44,8 +44,10 @@ class SqlMessageRepository:
                     created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=[messages.c.device_id, messages.c.wa_message_id])
+                .returning(messages.c.id)
             )
-            if not (await conn.execute(stmt)).rowcount:
+            # A row comes back only when the message is new (rowcount is not reliable for this on every driver).
+            if (await conn.execute(stmt)).first() is None:
                 return False
             unread = 0 if message.from_me else 1
             preview = message.text[:PREVIEW_CHARS] or (f"[{message.media_type}]" if message.media_type else "")

@@ -1194,6 +1194,15 @@ class NeonizeTransport:
         except NeonizeError as exc:
             raise transport_error(exc, "typing indicator failed") from exc
 
+    async def probe(self, device_id: UUID, timeout_s: float) -> bool:
+        try:
+            session, client = self._live(device_id)
+            await self._ready(session, client)
+            # `is_connected` is a property returning a coroutine (neonize.md §3): it must be awaited.
+            return bool(await asyncio.wait_for(client.is_connected, timeout_s))
+        except (NotConnected, NeonizeError, TimeoutError):
+            return False
+
     def _live(self, device_id: UUID) -> tuple[_Session, Any]:
         session = self._sessions.get(device_id)
         if session is None or session.attempt is None or not session.active or not session.live or session.muted:

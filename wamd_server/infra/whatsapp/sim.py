@@ -362,6 +362,16 @@ class SimTransport:
         state = "composing" if typing else "paused"
         self._check(await self._call({"op": "typing", "sid": device.sid, "chat": chat_jid, "state": state}))
 
+    async def probe(self, device_id: UUID, timeout_s: float) -> bool:
+        device = self._devices.get(device_id)
+        if device is None or not device.live or self._link is None:
+            return False
+        try:
+            answer = await asyncio.wait_for(self._link.request({"op": "ping", "sid": device.sid}), timeout_s)
+        except (TimeoutError, LinkDown):
+            return False
+        return bool(answer.get("ok"))
+
     def _live_device(self, device_id: UUID) -> _Device:
         device = self._devices.get(device_id)
         if device is None or not device.live:

@@ -1,0 +1,349 @@
+"""Storage on both backends (Postgres and SQLite): migrations, and the repositories' guarantees."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy.exc import StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import PG_ADMIN
+from wamd_server.domain.errors import Conflict
+from wamd_server.domain.models import DeviceStatus, InboundMessage, Role
+from wamd_server.domain.ports import DeviceScope
+from wamd_server.infra.db import migrate
+from wamd_server.infra.db.devices import SqlDeviceRepository
+from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.messages import SqlMessageRepository
+from wamd_server.infra.db.sessions import SqlSessionStore
+from wamd_server.infra.db.tables import chats, messages, metadata
+from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
+from wamd_server.services.users import UserService
+
+EVERYTHING = DeviceScope.everything()
+CONTACT_JID = "60199000020@s.whatsapp.net"
+T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    await migrate.upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def fresh_pg_url(pg_url: str) -> Iterator[str]:
+    """An empty Postgres database of its own (the run's database is migrated by earlier tests)."""
+    name = f"wamd_fresh_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- migrations ------------------------------------------------------------------------------------------------
+
+
+def head_revisions() -> set[str]:
+    return set(ScriptDirectory.from_config(migrate.alembic_config()).get_heads())
+
+
+def current_revisions(conn: Connection) -> set[str]:
+    return set(MigrationContext.configure(conn).get_current_heads())
+
+
+async def test_migrations_are_idempotent(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate.upgrade(engine)
+        await migrate.upgrade(engine)
+        assert await migrate.pending_revisions(engine) == []
+        async with engine.connect() as conn:
+            assert await conn.run_sync(current_revisions) == head_revisions()
+    finally:
+        await engine.dispose()
+
+
+def describe_schema(conn: Connection) -> dict[str, Any]:
+    """Tables, columns (nullability), primary keys, unique constraints, foreign keys and indexes by columns."""
+    insp = inspect(conn)
+    schema: dict[str, Any] = {}
+    for table in sorted(insp.get_table_names()):
+        if table == "alembic_version":
+            continue
+        schema[table] = {
+            "columns": {c["name"]: c["nullable"] for c in insp.get_columns(table)},
+            "pk": sorted(insp.get_pk_constraint(table)["constrained_columns"]),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "fks": sorted(
+                (tuple(f["constrained_columns"]), f["referred_table"], (f.get("options") or {}).get("ondelete"))
+                for f in insp.get_foreign_keys(table)
+            ),
+            "indexes": sorted(
+                (tuple(i["column_names"]), bool(i["unique"]))
+                for i in insp.get_indexes(table)
+                if not i.get("duplicates_constraint")
+            ),
+        }
+    return schema
+
+
+def drift(conn: Connection) -> list[Any]:
+    """Differences between the migrated database and `tables.py` (what `alembic revision --autogenerate` would
+    write)."""
+    return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+
+async def test_fresh_databases_get_the_same_schema_on_both_backends(fresh_pg_url: str, tmp_path: Any) -> None:
+    schemas = []
+    for url in (fresh_pg_url, f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"):
+        engine = create_engine(url)
+        try:
+            assert set(await migrate.pending_revisions(engine)) >= head_revisions()
+            await migrate.upgrade(engine)
+            assert await migrate.pending_revisions(engine) == []
+            async with engine.connect() as conn:
+                schemas.append(await conn.run_sync(describe_schema))
+                assert await conn.run_sync(drift) == [], url.split(":")[0]
+        finally:
+            await engine.dispose()
+    postgres, sqlite = schemas
+    assert set(postgres) == {t.name for t in metadata.sorted_tables}
+    assert postgres == sqlite
+
+
+# --- users and tokens ------------------------------------------------------------------------------------------
+
+
+async def test_user_emails_are_unique_whatever_their_case(engine: AsyncEngine) -> None:
+    users = SqlUserRepository(engine)
+    service = UserService(users, SqlDeviceRepository(engine))
+    ann = await service.create("  Ann@Example.COM ", "password-123", Role.STAFF, "Ann")
+    assert ann.email == "ann@example.com"
+    with pytest.raises(Conflict):
+        await service.create("ann@example.com", "password-456", Role.ADMIN)
+    with pytest.raises(Conflict):
+        await users.add("ann@example.com", "hash", Role.STAFF, "")
+    creds = await users.by_email("ann@example.com")
+    assert creds is not None and creds.user.id == ann.id and creds.user.role is Role.STAFF
+
+
+async def test_tokens_expire_and_die_with_deactivation(engine: AsyncEngine) -> None:
+    users, tokens = SqlUserRepository(engine), SqlTokenRepository(engine)
+    user = await users.add("tok@example.com", "hash", Role.STAFF, "")
+    now = datetime.now(UTC)
+    await tokens.add(user.id, "a" * 64, now + timedelta(hours=1))
+    await tokens.add(user.id, "b" * 64, now + timedelta(days=30))
+
+    found = await tokens.user_for("a" * 64, now)
+    assert found is not None and found.id == user.id
+    assert await tokens.user_for("a" * 64, now + timedelta(hours=1)) is None  # expired at expires_at
+    assert await tokens.user_for("c" * 64, now) is None
+    assert await tokens.purge_expired(now + timedelta(hours=2)) == 1
+    assert await tokens.user_for("b" * 64, now + timedelta(hours=2)) is not None
+
+    await users.update(user.id, is_active=False)
+    assert await tokens.user_for("b" * 64, now) is None
+    await users.update(user.id, is_active=True)
+    assert await tokens.user_for("b" * 64, now) is None  # deactivation ended the session for good
+
+
+# --- devices and grants ----------------------------------------------------------------------------------------
+
+
+async def test_staff_see_only_granted_devices(engine: AsyncEngine) -> None:
+    users, devices = SqlUserRepository(engine), SqlDeviceRepository(engine)
+    admin = await users.add("boss@example.com", "hash", Role.ADMIN, "")
+    ann = await users.add("ann@example.com", "hash", Role.STAFF, "")
+    bob = await users.add("bob@example.com", "hash", Role.STAFF, "")
+    own = await devices.add("Ann's", created_by=ann.id, grant_to=ann.id)
+    shared = await devices.add("Shared", created_by=admin.id, grant_to=None)
+    spare = await devices.add("Spare", created_by=admin.id, grant_to=None)
+    await users.set_grants(bob.id, [shared.id, spare.id, shared.id])  # duplicates are harmless
+
+    ann_scope, bob_scope = DeviceScope(ann.id), DeviceScope(bob.id)
+    assert await devices.get(own.id, ann_scope) is not None
+    assert await devices.get(shared.id, ann_scope) is None
+    assert [d.id for d in await devices.list_page(ann_scope, 100, None)] == [own.id]
+    assert {d.id for d in await devices.list_page(bob_scope, 100, None)} == {shared.id, spare.id}
+    assert await users.granted_device_ids(bob.id) == {shared.id, spare.id}
+
+    everything = await devices.list_page(EVERYTHING, 100, None)
+    assert {d.id for d in everything} == {own.id, shared.id, spare.id}
+    first = await devices.list_page(EVERYTHING, 2, None)
+    rest = await devices.list_page(EVERYTHING, 2, (first[-1].created_at, first[-1].id))
+    assert [d.id for d in first + rest] == [d.id for d in everything]
+
+    await users.set_grants(bob.id, [spare.id])  # replaces
+    assert await devices.get(shared.id, bob_scope) is None
+    assert await devices.delete(spare.id)
+    assert await users.granted_device_ids(bob.id) == set()  # the grant went with the device
+    await users.delete(ann.id)
+    assert await devices.get(own.id, EVERYTHING) is not None  # the device stays when its creator goes
+
+
+async def test_utc_datetime_round_trips_aware_utc_and_rejects_naive(engine: AsyncEngine) -> None:
+    devices = SqlDeviceRepository(engine)
+    device = await devices.add("Clock", created_by=None, grant_to=None)
+    assert device.created_at.utcoffset() == timedelta(0)
+
+    local = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=ZoneInfo("Asia/Kuala_Lumpur"))
+    stored = await devices.set_fields(device.id, last_seen_at=local)
+    assert stored is not None
+    assert stored.last_seen_at == local
+    assert stored.last_seen_at is not None and stored.last_seen_at.tzinfo == UTC
+    assert stored.last_seen_at.replace(tzinfo=None) == datetime(2024, 1, 1, 19, 4, 5, 678901)
+    again = await devices.get(device.id, EVERYTHING)
+    assert again is not None and again.last_seen_at == local and again.last_seen_at.tzinfo == UTC
+
+    with pytest.raises(StatementError) as caught:
+        await devices.set_fields(device.id, last_seen_at=datetime(2024, 1, 2, 3, 4, 5))
+    assert isinstance(caught.value.orig, ValueError)
+    unchanged = await devices.get(device.id, EVERYTHING)
+    assert unchanged is not None and unchanged.last_seen_at == local
+
+
+# --- messages and chats ----------------------------------------------------------------------------------------
+
+
+def inbound(
+    wa_id: str, text: str, at: datetime, *, from_me: bool = False, push_name: str | None = "Cathy"
+) -> InboundMessage:
+    return InboundMessage(
+        wa_id=wa_id,
+        chat_jid=CONTACT_JID,
+        sender_jid=CONTACT_JID,
+        sender_phone="60199000020",
+        from_me=from_me,
+        is_group=False,
+        text=text,
+        timestamp=at,
+        push_name=push_name,
+    )
+
+
+async def chat_row(engine: AsyncEngine, device_id: UUID) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        query = select(chats).where(chats.c.device_id == device_id, chats.c.jid == CONTACT_JID)
+        return dict((await conn.execute(query)).mappings().one())
+
+
+async def message_count(engine: AsyncEngine, device_id: UUID) -> int:
+    async with engine.connect() as conn:
+        query = select(func.count()).select_from(messages).where(messages.c.device_id == device_id)
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def test_messages_are_stored_once_and_the_chat_only_moves_forward(engine: AsyncEngine) -> None:
+    devices, repo = SqlDeviceRepository(engine), SqlMessageRepository(engine)
+    device = await devices.add("Inbox", None, None)
+    other = await devices.add("Other", None, None)
+
+    assert await repo.store_inbound(device.id, inbound("W1", "first", T0)) is True
+    assert await repo.store_inbound(device.id, inbound("W1", "first, redelivered", T0)) is False
+    assert await message_count(engine, device.id) == 1
+    chat = await chat_row(engine, device.id)
+    assert (chat["unread_count"], chat["last_message_text"], chat["last_message_at"], chat["name"]) == (
+        1,
+        "first",
+        T0,
+        "Cathy",
+    )
+
+    await repo.store_inbound(device.id, inbound("W2", "second", T0 + timedelta(minutes=5), push_name=None))
+    chat = await chat_row(engine, device.id)
+    assert (chat["unread_count"], chat["last_message_text"], chat["name"]) == (2, "second", "Cathy")
+
+    # history arriving late: stored and counted, but the chat keeps showing the newest message
+    await repo.store_inbound(device.id, inbound("W0", "older", T0 - timedelta(hours=1)))
+    chat = await chat_row(engine, device.id)
+    assert (chat["unread_count"], chat["last_message_text"], chat["last_message_at"]) == (
+        3,
+        "second",
+        T0 + timedelta(minutes=5),
+    )
+
+    # our own message from the phone: newest, so it is the preview; it is not unread
+    await repo.store_inbound(device.id, inbound("W3", "my reply", T0 + timedelta(minutes=6), from_me=True))
+    chat = await chat_row(engine, device.id)
+    assert (chat["unread_count"], chat["last_message_text"]) == (3, "my reply")
+    assert await message_count(engine, device.id) == 4
+
+    # the same message id on another device is another message
+    assert await repo.store_inbound(other.id, inbound("W1", "first", T0)) is True
+
+
+async def test_receipts_only_move_a_message_forward(engine: AsyncEngine) -> None:
+    devices, repo = SqlDeviceRepository(engine), SqlMessageRepository(engine)
+    device = await devices.add("Receipts", None, None)
+    await repo.store_inbound(device.id, inbound("OUT1", "from us", T0, from_me=True))
+    await repo.store_inbound(device.id, inbound("OUT2", "from us too", T0, from_me=True))
+    await repo.store_inbound(device.id, inbound("IN1", "from them", T0))
+
+    async def status(wa_id: str) -> str | None:
+        async with engine.connect() as conn:
+            query = select(messages.c.status).where(
+                messages.c.device_id == device.id, messages.c.wa_message_id == wa_id
+            )
+            return (await conn.execute(query)).scalar_one()  # type: ignore[no-any-return]
+
+    assert await status("OUT1") == "sent"
+    assert await repo.mark_status(device.id, ["OUT1", "OUT2"], "delivered") == 2
+    assert await repo.mark_status(device.id, ["OUT1"], "read") == 1
+    assert await repo.mark_status(device.id, ["OUT1", "OUT2"], "delivered") == 0  # late receipt
+    assert (await status("OUT1"), await status("OUT2")) == ("read", "delivered")
+    assert await repo.mark_status(device.id, ["OUT1"], "sent") == 0
+    assert await repo.mark_status(device.id, ["OUT1"], "played") == 1
+    assert await repo.mark_status(device.id, ["OUT1"], "read") == 0
+    assert await status("OUT1") == "played"
+
+    assert await repo.mark_status(device.id, ["IN1"], "read") == 0  # receipts are about our own messages
+    assert await status("IN1") is None
+    assert await repo.mark_status(device.id, ["OUT2"], "exploded") == 0
+    assert await repo.mark_status(device.id, [], "read") == 0
+    assert await repo.mark_status(uuid.uuid4(), ["OUT2"], "read") == 0  # another device's message id
+    assert await status("OUT2") == "delivered"
+
+
+# --- transport sessions ----------------------------------------------------------------------------------------
+
+
+async def test_session_store_upserts(engine: AsyncEngine) -> None:
+    store = SqlSessionStore(engine)
+    jid = "60123000501:1@s.whatsapp.net"
+    assert await store.get(jid) is None
+    await store.put(jid, "sim", "secret-1")
+    assert await store.get(jid) == "secret-1"
+    await store.put(jid, "sim", "secret-2")  # the same jid again replaces, never duplicates
+    assert await store.get(jid) == "secret-2"
+    await store.put("60123000502:1@s.whatsapp.net", "sim", "other")
+    await store.delete(jid)
+    assert await store.get(jid) is None
+    await store.delete(jid)  # deleting what is gone is fine
+    assert await store.get("60123000502:1@s.whatsapp.net") == "other"
+
+
+async def test_device_status_values_survive_storage(engine: AsyncEngine) -> None:
+    devices = SqlDeviceRepository(engine)
+    device = await devices.add("States", None, None)
+    assert device.status is DeviceStatus.UNPAIRED
+    for status in DeviceStatus:
+        stored = await devices.set_fields(device.id, status=status, status_reason=f"now {status}")
+        assert stored is not None and (stored.status, stored.status_reason) == (status, f"now {status}")
+    with pytest.raises(ValueError, match="unknown device fields"):
+        await devices.set_fields(device.id, password="x")

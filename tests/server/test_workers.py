@@ -1,0 +1,147 @@
+"""Device workers: leases, hand-over between workers, fencing, and the health watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+
+import psycopg
+
+from tests.conftest import Server, ServerFactory, StandaloneSim, truncate_all
+from wamd_server.domain import errors
+from wamd_server.infra.bus.rpc import rebuild_error
+
+PHONE = "60123000051"
+FAST_WATCHDOG = {"WAMD_WATCHDOG_INTERVAL_S": "0.3", "WAMD_PROBE_TIMEOUT_S": "0.3"}
+
+
+async def pair(server: Server, name: str, phone: str) -> str:
+    ws = await server.ws()
+    device = await server.create_device(name)
+    await server.pair_by_qr(device["id"], phone, ws)
+    await ws.close()
+    server.sockets.remove(ws)
+    return str(device["id"])
+
+
+async def test_watchdog_reconnects_a_device_whose_link_stops_answering(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    server = await make_server(database_url, **FAST_WATCHDOG)
+    device_id = await pair(server, "Sales", PHONE)
+    ws = await server.ws()
+    await server.sim("POST", "/faults", {"phone": PHONE, "unresponsive": True})
+    suspect = await ws.wait_event("device.status", device_id, lambda e: e["status"] == "connecting")
+    assert "not answering" in suspect["reason"]
+    await server.sim("POST", "/faults", {"phone": PHONE, "unresponsive": False})
+    await ws.wait_event("device.status", device_id, lambda e: e["status"] == "online", timeout=20)
+    assert (await server.sim("GET", "/stats"))["double_connection_total"] == 0
+
+
+async def test_watchdog_leaves_logged_out_and_banned_devices_alone(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    server = await make_server(database_url)
+    banned = await pair(server, "Banned", "60123000052")
+    logged_out = await pair(server, "Out", "60123000053")
+    ws = await server.ws()
+    await server.sim("POST", "/faults", {"phone": "60123000052", "ban_seconds": 600})
+    await ws.wait_event("device.status", banned, lambda e: e["status"] == "banned")
+    await server.ok("POST", f"/api/devices/{logged_out}/logout")
+    worker = server.runtime.worker
+    assert worker is not None
+    assert await worker.watchdog.check_once() == []
+    devices = {d["id"]: d["status"] for d in (await server.ok("GET", "/api/devices"))["items"]}
+    assert devices == {banned: "banned", logged_out: "logged_out"}
+
+
+async def test_stopping_a_worker_hands_its_devices_to_another(
+    make_server: ServerFactory, pg_url: str, redis_url: str, standalone_sim: StandaloneSim
+) -> None:
+    truncate_all(pg_url)
+    shared = {
+        "sim_url": standalone_sim.url,
+        "redis_url": redis_url,
+        "WAMD_REDIS_PREFIX": f"t-{secrets.token_hex(3)}",
+        "WAMD_LEASE_TTL_S": "2",
+    }
+    first = await make_server(pg_url, **shared)
+    ids = [await pair(first, f"D{n}", f"6012300006{n}") for n in range(4)]
+    second = await make_server(pg_url, **shared)
+    ws = await second.ws()
+    await first.runtime.stop()  # graceful: its leases are handed back at once
+    pending = set(ids)
+    while pending:
+        event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=20)
+        pending.discard(event["device_id"])
+    assert second.runtime.worker is not None
+    assert second.runtime.worker.held == {uuid.UUID(d) for d in ids}
+    stats = await second.sim("GET", "/stats")
+    assert stats["double_connection_total"] == 0
+    # Commands now reach the devices through the new owner.
+    assert await second.ok("POST", f"/api/devices/{ids[0]}/refresh") == {"status": "online"}
+
+
+async def test_a_new_worker_gets_its_fair_share(
+    make_server: ServerFactory, pg_url: str, redis_url: str, standalone_sim: StandaloneSim
+) -> None:
+    truncate_all(pg_url)
+    shared = {
+        "sim_url": standalone_sim.url,
+        "redis_url": redis_url,
+        "WAMD_REDIS_PREFIX": f"t-{secrets.token_hex(3)}",
+        "WAMD_LEASE_TTL_S": "1",
+    }
+    first = await make_server(pg_url, **shared)
+    for n in range(8):
+        await pair(first, f"D{n}", f"6012300007{n}")
+    second = await make_server(pg_url, **shared)
+    assert first.runtime.worker is not None and second.runtime.worker is not None
+    ws = await second.ws()
+    while len(second.runtime.worker.held) < 3:
+        await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=20)
+    assert len(first.runtime.worker.held) + len(second.runtime.worker.held) == 8
+    assert not first.runtime.worker.held & second.runtime.worker.held
+    assert (await second.sim("GET", "/stats"))["double_connection_total"] == 0
+
+
+async def test_a_worker_that_cannot_renew_its_leases_stops_its_sessions(
+    make_server: ServerFactory, pg_url: str, standalone_sim: StandaloneSim
+) -> None:
+    """Fencing: before its leases could expire, a cut-off worker disconnects, so no other can double-connect."""
+    truncate_all(pg_url)
+    server = await make_server(pg_url, sim_url=standalone_sim.url, WAMD_LEASE_TTL_S="2")
+    device_id = await pair(server, "Sales", PHONE)
+    jid = f"{PHONE}:1@s.whatsapp.net"
+    assert jid in standalone_sim.network.stats()["online"]
+    name = pg_url.rsplit("/", 1)[1]
+    admin = pg_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    try:
+        # The worker's own lease loop notices; the lease would expire 2 s after the last renewal.
+        deadline = time.monotonic() + 10
+        while jid in standalone_sim.network.stats()["online"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert jid not in standalone_sim.network.stats()["online"]
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    # Once the database answers again, the worker runs its device again.
+    deadline = time.monotonic() + 20
+    while jid not in standalone_sim.network.stats()["online"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert jid in standalone_sim.network.stats()["online"]
+    assert (await server.ok("GET", f"/api/devices/{device_id}"))["status"] == "online"
+
+
+def test_worker_errors_keep_their_code_across_processes() -> None:
+    busy = rebuild_error({"code": "device_busy", "message": "linked"})
+    assert isinstance(busy, errors.DeviceBusy) and busy.message == "linked"
+    missing = rebuild_error({"code": "qr_required", "message": "pair again", "retryable": False})
+    assert isinstance(missing, errors.SessionMissing) and not missing.retryable
+    odd = rebuild_error({"code": "something_new", "message": "?"})
+    assert type(odd) is errors.DomainError and odd.code == "something_new"

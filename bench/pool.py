@@ -33,6 +33,7 @@ import os
 import platform
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +74,29 @@ TARGET_NEONIZE_KB_PER_CLIENT = 300.0
 
 POLL_S = 0.2
 ADMIN_EMAIL = "bench@example.com"
+
+
+def source_revision(source: Path | None) -> dict[str, Any]:
+    """What was measured: the working tree's commit and whether its server code had uncommitted changes, or
+    the name of the `--source` directory."""
+    if source is not None:
+        return {"source": source.name}
+    root = HERE.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "source": "working tree",
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "server_code_modified": bool(git("status", "--porcelain", "--", "wamd_server")),
+    }
+
+
+def load_average() -> float:
+    """The 1-minute load average: other work on the machine skews every figure here."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def default_connects_per_second() -> float:
@@ -203,6 +227,53 @@ async def wait_sim_offline(sim_url: str, within_s: float = 60.0) -> None:
     raise RuntimeError(f"the simulator still has {online} live sessions after {within_s:.0f}s")
 
 
+class ConnectionPeak:
+    """Samples, every 0.5 s, how many Postgres connections our database and the whole server have; keeps the
+    peaks (the server is shared: `max_connections` bounds everyone)."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self._admin_url = admin_url
+        self._database = database
+        self.ours = 0
+        self.server = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ConnectionPeak:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _sample(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._admin_url, autocommit=True) as conn:
+            while True:
+                cursor = await conn.execute(
+                    "SELECT count(*) FILTER (WHERE datname = %s), count(*) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend'",
+                    (self._database,),
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                self.ours, self.server = max(self.ours, int(row[0])), max(self.server, int(row[1]))
+                await asyncio.sleep(0.5)
+
+
+def warn_connection_budget(admin_url: str, processes: int) -> None:
+    """Each wamd process may open 30 Postgres connections (pool 10 + overflow 20); say so if that may not fit."""
+    max_conn, reserved, used = pg_connection_budget(admin_url)
+    worst = 30 * processes + 5
+    if worst > max_conn - reserved - used:
+        log(
+            f"warning: {processes} wamd processes may open up to {worst} Postgres connections; "
+            f"max_connections={max_conn} ({reserved} reserved, {used} in use by others). A run that fails with "
+            "'too many clients' was starved by other users of this server."
+        )
+
+
 # --- phase 1: seed --------------------------------------------------------------------------------------
 
 
@@ -229,13 +300,27 @@ class QrCodes:
             self.codes[device_id] = code
 
 
-async def api_call(http: aiohttp.ClientSession, method: str, url: str, body: Any, token: str = "") -> Any:
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def api_call(
+    http: aiohttp.ClientSession, method: str, url: str, body: Any, token: str = "", *, attempts: int = 1
+) -> Any:
+    """One JSON call; a 503 (no worker seen alive, device moving between workers) is retried `attempts` times."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with http.request(method, url, json=body, headers=headers) as resp:
-        answer = await resp.json(content_type=None)
-        if resp.status >= 300:
-            raise RuntimeError(f"{method} {url} answered {resp.status}: {answer}")
-        return answer
+    for attempt in range(1, attempts + 1):
+        async with http.request(method, url, json=body, headers=headers) as resp:
+            answer = await resp.json(content_type=None)
+            if resp.status < 300:
+                return answer
+            if resp.status != 503 or attempt == attempts:
+                raise ApiError(resp.status, f"{method} {url} answered {resp.status}: {answer}")
+        log(f"seed: {method} {url} answered 503 ({answer}); retrying")
+        await asyncio.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 def phone(n: int) -> str:
@@ -281,7 +366,9 @@ async def seed_devices(api_url: str, sim_url: str, password: str, count: int, co
                 device = await api_call(http, "POST", api_url + "/api/devices", {"name": f"Bench {n}"}, token)
                 device_id = str(device["id"])
                 code = qr.expect(device_id)
-                await api_call(http, "POST", f"{api_url}/api/devices/{device_id}/pair", {"method": "qr"}, token)
+                await api_call(
+                    http, "POST", f"{api_url}/api/devices/{device_id}/pair", {"method": "qr"}, token, attempts=5
+                )
                 await api_call(
                     http, "POST", sim_url + "/api/sim/scan", {"qr": await asyncio.wait_for(code, 30), "phone": phone(n)}
                 )
@@ -555,6 +642,8 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
         workers=k,
         capacity=capacity,
         connects_per_second=cps,
+        loadavg_1m=load_average(),
+        **source_revision(args.source),
     )
 
     # --- phase 1: seed -------------------------------------------------------------------------------------
@@ -567,11 +656,13 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
     await wait_http(api, api_url + "/api/health")
     seeders = [cluster.start_worker(f"seed-worker-{n}", devices) for n in range(k)]
     await wait_registered(db_url, k, seeders)
+    warn_connection_budget(args.pg, k + 1)
     log(f"seed: pairing {devices} devices through the API, {args.seed_concurrency} at a time")
     started = time.monotonic()
-    await seed_devices(api_url, cluster.sim_url, cluster.admin_password, devices, args.seed_concurrency)
-    paired_s = time.monotonic() - started
-    seeded = await wait_online(db_url, devices, [sim, api, *seeders], 300.0, started, workers=k, progress_s=30.0)
+    async with ConnectionPeak(args.pg, cluster.db_name) as seed_peak:
+        await seed_devices(api_url, cluster.sim_url, cluster.admin_password, devices, args.seed_concurrency)
+        paired_s = time.monotonic() - started
+        seeded = await wait_online(db_url, devices, [sim, api, *seeders], 300.0, started, workers=k, progress_s=30.0)
     if seeded["seconds"] is None:
         raise RuntimeError(f"seeding: only {seeded['online']}/{devices} devices came online")
     seed_s = time.monotonic() - started
@@ -582,6 +673,8 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
         devices=devices,
         paired_s=round(paired_s, 1),
         rate_per_s=round(devices / seed_s),
+        concurrency=args.seed_concurrency,
+        db_connections_peak=seed_peak.ours,
     )
     log("seed: stopping the seed workers (SIGTERM) and the API")
     stopping = time.monotonic()
@@ -650,8 +743,9 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
     log(f"cold start: {k} workers (capacity {capacity}, default stagger {cps:g}/s each) for {devices} devices")
     busy_before, total_before = machine_cpu()
     started = time.monotonic()
-    workers = [cluster.start_worker(f"worker-{n}", capacity) for n in range(k)]
-    cold = await wait_online(db_url, devices, [sim, *workers, *idle], args.online_timeout, started, workers=k)
+    async with ConnectionPeak(args.pg, cluster.db_name) as cold_peak:
+        workers = [cluster.start_worker(f"worker-{n}", capacity) for n in range(k)]
+        cold = await wait_online(db_url, devices, [sim, *workers, *idle], args.online_timeout, started, workers=k)
     busy_after, total_after = machine_cpu()
     worker_cpu = [round(cpu_seconds(p.pid), 1) for p in workers]
     stats = await sim_stats(cluster.sim_url)
@@ -676,6 +770,9 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
         worker_cpu_s=worker_cpu,
         worker_cpu_ms_per_device=round(sum(worker_cpu) * 1000 / devices, 2),
         machine_busy_pct=round(100 * (busy_after - busy_before) / max(total_after - total_before, 1), 1),
+        loadavg_1m=load_average(),
+        db_connections_peak=cold_peak.ours,
+        server_connections_peak=cold_peak.server,
     )
     emit("cold_start_leases", [leases[p.name] for p in workers], "devices", by_worker=leases, capacity=capacity)
     doubles = stats["double_connection_total"]
@@ -723,7 +820,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=3000, help="simulated devices (default 3000)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes K (default 2)")
     parser.add_argument("--capacity", type=int, default=0, help="capacity per worker (default ceil(devices/K))")
-    parser.add_argument("--seed-concurrency", type=int, default=64, help="devices paired at once while seeding")
+    parser.add_argument("--seed-concurrency", type=int, default=32, help="devices paired at once while seeding")
     parser.add_argument("--online-timeout", type=float, default=180.0, help="give up the cold start after this")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after all online before reading RSS")
     parser.add_argument("--skip-paced-baseline", action="store_true", help="only the unpaced bare-transport run")
@@ -732,14 +829,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg", default=DEFAULT_PG, help="Postgres admin URL (env WAMD_BENCH_PG)")
     parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL (env WAMD_BENCH_REDIS)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (kept anyway on failure)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="measure the wamd_server package in this directory (e.g. a `git archive` of a commit) instead of the "
+        "installed one; every process gets it first on PYTHONPATH",
+    )
     args = parser.parse_args(argv)
     if args.devices < 1 or args.workers < 1:
         parser.error("--devices and --workers must be at least 1")
+    if args.source is not None:
+        args.source = args.source.resolve()
+        if not (args.source / "wamd_server" / "__init__.py").is_file():
+            parser.error(f"--source: no wamd_server package in {args.source}")
     return args
+
+
+def use_source(source: Path | None) -> None:
+    if source is None:
+        return
+    sys.path.insert(0, str(source))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_source(args.source)
     interrupt_on_signals()
     cleanup = Cleanup()
     code = 0

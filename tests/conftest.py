@@ -36,6 +36,15 @@ EVENT_TIMEOUT = 10.0
 TEST_SIM = SimConfig(qr_first_s=3.0, qr_next_s=2.0, qr_codes=3)
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = EVENT_TIMEOUT, what: str = "") -> None:
+    """Poll `check` until it holds; fails after `timeout` seconds. For states (not single events) to reach."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what or check.__name__}")
+        await asyncio.sleep(0.05)
+
+
 # --- databases and Redis -------------------------------------------------------------------------------
 
 
@@ -303,6 +312,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         redis_url: str | None = None,
         sim_network: SimNetwork | None = None,
         plugins: list[object] | None = None,
+        clock: Any = None,
         **env: str,
     ) -> Server:
         extra = dict(env)
@@ -314,7 +324,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
         if sim_network is not None and sim_network not in networks:
             networks.append(sim_network)
         config = load_config(server_env(database_url, tmp_path / f"data-{uuid.uuid4().hex[:6]}", password, **extra))
-        runtime = Runtime(config)
+        runtime = Runtime(config, clock=clock)
         for plugin in plugins or []:
             runtime.plugins.register(plugin)
         if sim_network is not None:

@@ -48,6 +48,8 @@ class Config:
     watchdog_interval_s: float = 30.0
     probe_timeout_s: float = 10.0
     send_ack_timeout_s: float = 30.0
+    db_pool_size: int = 10
+    opt_out_words: tuple[str, ...] = ("STOP", "BERHENTI", "UNSUBSCRIBE", "STOP ALL", "BERHENTI LANGGAN")
     demo: bool = False
 
     @property
@@ -123,6 +125,16 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _words(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    words = tuple(w.strip() for w in raw.split(",") if w.strip())
+    if not words:
+        raise ConfigError(f"{name} must list at least one word, separated by commas")
+    return words
+
+
 def _timezone(env: Mapping[str, str]) -> ZoneInfo:
     name, raw = "WAMD_TIMEZONE", env.get("WAMD_TIMEZONE")
     if not raw:
@@ -130,7 +142,7 @@ def _timezone(env: Mapping[str, str]) -> ZoneInfo:
     raw = (raw or "Asia/Kuala_Lumpur").lstrip(":")
     try:
         return ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory such as "Europe" in tzdata
         raise ConfigError(f"{name}: unknown time zone {raw!r} (use an IANA name like Asia/Kuala_Lumpur)") from None
 
 
@@ -201,5 +213,9 @@ def load_config(env: Mapping[str, str] | None = None, *, demo: bool = False) -> 
         watchdog_interval_s=_float(env, "WAMD_WATCHDOG_INTERVAL_S", 30.0, 0.1, 3600.0),
         probe_timeout_s=_float(env, "WAMD_PROBE_TIMEOUT_S", 10.0, 0.1, 600.0),
         send_ack_timeout_s=_float(env, "WAMD_SEND_ACK_TIMEOUT_S", 30.0, 1.0, 3600.0),
+        db_pool_size=_int(env, "WAMD_DB_POOL_SIZE", 10, 1, 500),
+        opt_out_words=_words(
+            env, "WAMD_OPT_OUT_WORDS", ("STOP", "BERHENTI", "UNSUBSCRIBE", "STOP ALL", "BERHENTI LANGGAN")
+        ),
         demo=demo,
     )

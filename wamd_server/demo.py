@@ -14,10 +14,13 @@ from pathlib import Path
 from uuid import UUID
 
 from wamd_server.config import Config
-from wamd_server.domain.models import Role
+from wamd_server.domain.models import DevicePatch, Role, User
 from wamd_server.domain.ports import BusEvent
 from wamd_server.protocol import events as ev
 from wamd_server.runtime import Runtime
+from wamd_server.services.campaigns import CampaignDraft
+from wamd_server.services.leads import LeadInput
+from wamd_server.web.context import CTX
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ class DemoSeed:
     email: str
     password: str
     device_ids: list[UUID]
+    leads: int = 0
+    campaign: str = ""
+
+
+DEMO_PACING = DevicePatch(min_delay_s=3, max_delay_s=8, hourly_cap=200, daily_cap=1000, typing=True)
+LEAD_NAMES = ("Aminah", "Boon Keat", "Chandra", "Daniel", "Elena", "Faizal", "Grace", "Hafiz", "Indra", "Jia Hui")
 
 
 async def seed(runtime: Runtime, *, timeout_s: float = 20.0) -> DemoSeed:
@@ -82,7 +91,39 @@ async def seed(runtime: Runtime, *, timeout_s: float = 20.0) -> DemoSeed:
             await asyncio.wait_for(online, timeout_s)
     finally:
         unsubscribe()
-    return DemoSeed(DEMO_EMAIL, password, device_ids)
+    for device_id in device_ids:
+        await runtime.device_repo.patch(device_id, DEMO_PACING)
+    leads, campaign = await _leads_and_campaign(runtime, admin, device_ids)
+    return DemoSeed(DEMO_EMAIL, password, device_ids, leads, campaign)
+
+
+async def _leads_and_campaign(runtime: Runtime, admin: User, device_ids: list[UUID]) -> tuple[int, str]:
+    """Leads owned by the demo devices and a campaign to them, paced like a person (a few seconds apart)."""
+    assert runtime.app is not None
+    ctx = runtime.app[CTX]
+    for n, name in enumerate(LEAD_NAMES):
+        lead = LeadInput(
+            phone=f"+60198100{n:03d}",
+            name=name,
+            niche="property",
+            triggers=["demo"],
+            device_id=device_ids[n % len(device_ids)],
+        )
+        await ctx.leads.create(admin, lead)
+    title = "Welcome offer"
+    await ctx.campaigns.create(
+        admin,
+        CampaignDraft(
+            type="broadcast",
+            title=title,
+            message="{Hi|Hello} {name}, {greeting}! Our new units are open for viewing this week. "
+            "Reply STOP to opt out.",
+            scheduled_at=ctx.clock.now(),
+            niche="property",
+            options={"language": "en"},
+        ),
+    )
+    return len(LEAD_NAMES), title
 
 
 async def chatter(runtime: Runtime) -> None:
@@ -130,6 +171,7 @@ async def run_demo(runtime: Runtime, announce: Callable[[str], None], stop: Awai
             f"  log in:    {demo.email} / {demo.password}\n"
             f"  API:       {runtime.url}/api/openapi.json   (health: {runtime.url}/api/health)\n"
             f"  simulated: {len(demo.device_ids)} linked devices; contacts write to them every few seconds\n"
+            f"  campaign:  '{demo.campaign}' is sending to {demo.leads} leads, a few seconds apart\n"
             "Press Ctrl+C to stop (the demo's data is thrown away)."
         )
         chatter_task = asyncio.create_task(chatter(runtime))

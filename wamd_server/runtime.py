@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import random
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -24,28 +26,46 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server import __version__
 from wamd_server.config import Config, ConfigError
-from wamd_server.domain.ports import Clock, EventBus, RateLimiter, Transport, WorkerInfo
+from wamd_server.domain.errors import NotFound
+from wamd_server.domain.models import Campaign, Device, Lead, User
+from wamd_server.domain.ports import BusEvent, Clock, EventBus, RateLimiter, Transport, WorkerInfo
 from wamd_server.infra.bus.local import LocalEventBus
 from wamd_server.infra.bus.redis import RedisEventBus
 from wamd_server.infra.bus.rpc import RedisCommandServer, RedisWorkerCommands
 from wamd_server.infra.db import migrate
+from wamd_server.infra.db.campaigns import SqlCampaignRepository
 from wamd_server.infra.db.devices import SqlDeviceRepository
 from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.leader import LeaderLock
+from wamd_server.infra.db.leads import SqlLeadRepository
 from wamd_server.infra.db.leases import SqlLeaseRepository
+from wamd_server.infra.db.media import SqlMediaRepository
 from wamd_server.infra.db.messages import SqlMessageRepository
+from wamd_server.infra.db.outbox import NewMessage, SqlOutboxRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
-from wamd_server.infra.db.tables import devices
+from wamd_server.infra.db.tables import devices, media
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
 from wamd_server.infra.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from wamd_server.infra.whatsapp import builtin
 from wamd_server.plugin_api.manager import PluginHost
-from wamd_server.plugin_api.types import TransportContext, TransportSpec
+from wamd_server.plugin_api.types import CampaignTypeSpec, TransportContext, TransportSpec
+from wamd_server.protocol.events import OPTED_OUT, OUTBOX_QUEUED
 from wamd_server.services.auth import AuthService
+from wamd_server.services.campaigns import CampaignService
 from wamd_server.services.clock import SystemClock
 from wamd_server.services.device_pool import DevicePool
 from wamd_server.services.device_router import DeviceRouter
-from wamd_server.services.devices import DeviceService
+from wamd_server.services.devices import DeviceService, scope_of
+from wamd_server.services.dispatcher import Dispatcher, DispatchSettings
 from wamd_server.services.hooks import HookCaller
+from wamd_server.services.leads import LeadService
+from wamd_server.services.media import MediaService
+from wamd_server.services.optout import OptOutPlugin
+from wamd_server.services.planner import CampaignPlanner, PlannerLoop
+from wamd_server.services.queue import QueueControl, QueueService
+from wamd_server.services.templates import TemplateService
+from wamd_server.services.templating import render as render_template
+from wamd_server.services.templating import validate as validate_template
 from wamd_server.services.users import UserService
 from wamd_server.services.watchdog import WatchdogSettings
 from wamd_server.services.worker import DeviceWorker, LeaseTiming
@@ -56,6 +76,13 @@ from wamd_server.web.context import ApiContext
 from wamd_server.web.extensions import plugin_endpoints, sim_control_endpoints
 
 log = logging.getLogger(__name__)
+
+PLANNER_INTERVAL_S = 1.0
+
+
+def template_errors(template: str) -> list[str]:
+    """Problems that stop a template from being used (warnings such as unknown placeholders do not)."""
+    return [issue.message for issue in validate_template(template) if issue.severity == "error"]
 
 
 class StartupError(Exception):
@@ -76,6 +103,7 @@ def worker_id() -> str:
 class Runtime:
     config: Config
     role: Role = Role.SERVE
+    clock: Clock | None = None  # the system clock unless given (pacing tests run an accelerated one)
     plugins: PluginHost = field(default_factory=PluginHost)
     engine: AsyncEngine | None = None
     bus: EventBus | None = None
@@ -83,6 +111,8 @@ class Runtime:
     pool: DevicePool | None = None
     worker: DeviceWorker | None = None
     router: DeviceRouter | None = None
+    dispatcher: Dispatcher | None = None
+    planner_loop: PlannerLoop | None = None
     sim_network: SimNetwork | None = None
     app: web.Application | None = None
     runner: web.AppRunner | None = None
@@ -93,6 +123,9 @@ class Runtime:
     _owns_sim: bool = False  # a network handed in (tests) outlives this runtime
     _commands: RedisWorkerCommands | None = None
     _command_server: RedisCommandServer | None = None
+    _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
+    _types: dict[str, CampaignTypeSpec] | None = None
+    _leader: LeaderLock | None = None
 
     @property
     def url(self) -> str:
@@ -126,7 +159,7 @@ class Runtime:
         self.bus = await self._start_bus()
         self.plugins.register(builtin, name="wamd.builtin.transports")
         self.plugins.load_entry_points()
-        clock = SystemClock()
+        clock = self.clock = self.clock or SystemClock()
         user_repo = SqlUserRepository(self.engine)
         device_repo = self.device_repo = SqlDeviceRepository(self.engine)
         leases = SqlLeaseRepository(self.engine)
@@ -149,6 +182,25 @@ class Runtime:
         router = self.router = DeviceRouter(
             leases, device_repo, local=self.worker, remote=self._commands, timing=LeaseTiming.for_ttl(cfg.lease_ttl_s)
         )
+        outbox = SqlOutboxRepository(self.engine)
+        media_service = MediaService(SqlMediaRepository(self.engine), clock)
+        self._leader = LeaderLock(self.engine)
+        self.planner_loop = PlannerLoop(
+            CampaignPlanner(
+                campaigns=SqlCampaignRepository(self.engine),
+                outbox=outbox,
+                devices_of=self._campaign_devices,
+                plugins=self.plugins,
+                bus=self.bus,
+                clock=clock,
+                render=self._render,
+                new_message=NewMessage,
+                types=self.campaign_types,
+            ),
+            self._leader.is_leader,
+            PLANNER_INTERVAL_S,
+        )
+        self.planner_loop.start()
         limiter: RateLimiter = (
             RedisRateLimiter(self._redis, f"{cfg.redis_prefix}:rl") if self._redis is not None else MemoryRateLimiter()
         )
@@ -160,6 +212,26 @@ class Runtime:
             ),
             users=self._users,
             devices=DeviceService(device_repo, router, clock, phone_region=cfg.phone_region),
+            leads=LeadService(
+                SqlLeadRepository(self.engine), device_repo, self.bus, clock, phone_region=cfg.phone_region
+            ),
+            templates=TemplateService(
+                SqlLeadRepository(self.engine), clock, cfg.timezone, phone_region=cfg.phone_region
+            ),
+            media=media_service,
+            campaigns=CampaignService(
+                SqlCampaignRepository(self.engine),
+                outbox,
+                device_repo,
+                self.bus,
+                clock,
+                types=self.campaign_types,
+                validate_template=template_errors,
+                media_visible=self._media_visible(media_service),
+                wake_planner=self.planner_loop.wake.set,
+            ),
+            queue=QueueService(device_repo, outbox, QueueControl(device_repo, clock), clock),
+            clock=clock,
             user_repo=user_repo,
             bus=self.bus,
             plugins=self.plugins,
@@ -183,16 +255,39 @@ class Runtime:
             self._owns_sim = True
         self.transport = await self._build_transport(SqlSessionStore(self.engine))
         held: set[UUID] = set()
+        messages = SqlMessageRepository(self.engine)
+        hooks = HookCaller(self.plugins)
         self.pool = DevicePool(
             transport=self.transport,
             devices=device_repo,
-            messages=SqlMessageRepository(self.engine),
+            messages=messages,
             bus=self.bus,
-            hooks=HookCaller(self.plugins),
+            hooks=hooks,
             clock=clock,
             connects_per_second=cfg.connects_per_second,
             owns=lambda device_id: device_id in held,
         )
+        self.dispatcher = Dispatcher(
+            outbox=SqlOutboxRepository(self.engine),
+            devices=device_repo,
+            transport=self.transport,
+            sent_log=messages,
+            clock=clock,
+            tz=cfg.timezone,
+            veto=hooks.before_send,
+            suspect=self._send_unacked,
+            load_media=self._load_media,
+            queue=QueueControl(device_repo, clock),
+            settings=DispatchSettings(send_timeout_s=cfg.send_ack_timeout_s),
+        )
+        self.pool.status_listeners.append(self.dispatcher.device_status)
+        self.plugins.register(
+            OptOutPlugin(
+                SqlLeadRepository(self.engine), SqlOutboxRepository(self.engine), self.bus, clock, cfg.opt_out_words
+            ),
+            name="wamd.builtin.optout",
+        )
+        self._unsubscribe.append(self.bus.subscribe(self._outbox_queued))
         info = WorkerInfo(worker_id(), socket.gethostname(), os.getpid(), cfg.worker_capacity)
         watchdog = WatchdogSettings(
             interval_s=cfg.watchdog_interval_s,
@@ -208,10 +303,78 @@ class Runtime:
             await self._command_server.start()
         log.info("device worker %s started (capacity %d)", info.id, info.capacity)
 
+    async def campaign_types(self) -> dict[str, CampaignTypeSpec]:
+        """Campaign types from the plugins; a later duplicate name is ignored with a warning."""
+        if self._types is None:
+            found: dict[str, CampaignTypeSpec] = {}
+            for spec in await self.plugins.call_flat("wamd_campaign_types"):
+                if not isinstance(spec, CampaignTypeSpec):
+                    log.warning("ignoring a campaign type that is not a CampaignTypeSpec: %r", spec)
+                elif spec.name in found:
+                    log.warning("campaign type %r is offered twice; keeping the first", spec.name)
+                else:
+                    found[spec.name] = spec
+            self._types = found
+        return self._types
+
+    def _render(self, template: str, lead: Lead, at: datetime, rng: random.Random, language: str) -> str:
+        return render_template(template, lead, now=at, tz=self.config.timezone, language=language, rng=rng)
+
+    @staticmethod
+    def _media_visible(service: MediaService) -> Callable[[User, UUID], Awaitable[bool]]:
+        async def visible(user: User, media_id: UUID) -> bool:
+            try:
+                await service.get(user, media_id)
+            except NotFound:
+                return False
+            return True
+
+        return visible
+
+    async def _campaign_devices(self, campaign: Campaign) -> list[Device]:
+        """A campaign's devices: those it names, else every device its owner may use."""
+        assert self.device_repo is not None and self.engine is not None
+        owner = await SqlUserRepository(self.engine).get(campaign.user_id)
+        if owner is None:
+            return []
+        scope = scope_of(owner)
+        if campaign.device_ids:
+            found = [await self.device_repo.get(d, scope) for d in campaign.device_ids]
+            return [d for d in found if d is not None]
+        return await self.device_repo.list_page(scope, 100_000, None)
+
+    async def _send_unacked(self, device_id: UUID) -> None:
+        assert self.pool is not None
+        await self.pool.suspect(device_id, f"a send got no server ack within {self.config.send_ack_timeout_s:.0f} s")
+
+    async def _load_media(self, media_id: UUID) -> tuple[bytes, str] | None:
+        assert self.engine is not None
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(media.c.data, media.c.mime).where(media.c.id == media_id))).first()
+        return (bytes(row.data), str(row.mime)) if row else None
+
+    async def _outbox_queued(self, event: BusEvent) -> None:
+        if self.dispatcher is None:
+            return
+        if event.type == OUTBOX_QUEUED:
+            ids = event.data.get("device_ids") or None  # none named: every lane looks
+            self.dispatcher.wake([UUID(d) for d in ids] if ids else None)
+        elif event.type == OPTED_OUT:
+            self.dispatcher.opted_out.add(str(event.data["phone"]))
+
     async def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.planner_loop is not None:
+            await self.planner_loop.stop()
+        if self._leader is not None:
+            await self._leader.release()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
         if self._commands is not None:
             await self._commands.close()
         if self._command_server is not None:
@@ -245,7 +408,7 @@ class Runtime:
 
     async def open_storage(self) -> list[str]:
         """Connect to the database and apply pending migrations; returns the revisions applied."""
-        self.engine = create_engine(self.config.database_url)
+        self.engine = create_engine(self.config.database_url, pool_size=self.config.db_pool_size)
         try:
             pending = await migrate.pending_revisions(self.engine)
             await migrate.upgrade(self.engine)

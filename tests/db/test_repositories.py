@@ -303,20 +303,23 @@ async def test_receipts_only_move_a_message_forward(engine: AsyncEngine) -> None
             return (await conn.execute(query)).scalar_one()  # type: ignore[no-any-return]
 
     assert await status("OUT1") == "sent"
-    assert await repo.mark_status(device.id, ["OUT1", "OUT2"], "delivered") == 2
-    assert await repo.mark_status(device.id, ["OUT1"], "read") == 1
-    assert await repo.mark_status(device.id, ["OUT1", "OUT2"], "delivered") == 0  # late receipt
+    d = device.id
+    found = await repo.mark_status([(d, "OUT1"), (d, "OUT2")], "delivered")
+    assert found == {(d, "OUT1"), (d, "OUT2")}
+    await repo.mark_status([(d, "OUT1")], "read")
+    await repo.mark_status([(d, "OUT1"), (d, "OUT2")], "delivered")  # a late receipt changes nothing
     assert (await status("OUT1"), await status("OUT2")) == ("read", "delivered")
-    assert await repo.mark_status(device.id, ["OUT1"], "sent") == 0
-    assert await repo.mark_status(device.id, ["OUT1"], "played") == 1
-    assert await repo.mark_status(device.id, ["OUT1"], "read") == 0
+    await repo.mark_status([(d, "OUT1")], "sent")
+    await repo.mark_status([(d, "OUT1")], "played")
+    await repo.mark_status([(d, "OUT1")], "read")
     assert await status("OUT1") == "played"
 
-    assert await repo.mark_status(device.id, ["IN1"], "read") == 0  # receipts are about our own messages
+    assert await repo.mark_status([(d, "IN1")], "read") == set()  # receipts are about our own messages
     assert await status("IN1") is None
-    assert await repo.mark_status(device.id, ["OUT2"], "exploded") == 0
-    assert await repo.mark_status(device.id, [], "read") == 0
-    assert await repo.mark_status(uuid.uuid4(), ["OUT2"], "read") == 0  # another device's message id
+    assert await repo.mark_status([(d, "OUT2")], "exploded") == set()
+    assert await repo.mark_status([], "read") == set()
+    # Another device's message id, and a message not stored yet, are not found.
+    assert await repo.mark_status([(uuid.uuid4(), "OUT2"), (d, "NOT-YET")], "read") == set()
     assert await status("OUT2") == "delivered"
 
 

@@ -19,6 +19,7 @@ from tests.e2e.processes import Process, free_port, wamd_server, wamd_sim
 from tests.e2e.test_device_acceptance import Client
 
 DEVICES = 200
+LEADS = 2000
 TAKEOVER_DEADLINE_S = 30.0
 
 
@@ -73,6 +74,15 @@ async def wait_for_workers(pg_url: str, count: int) -> None:
     raise AssertionError("the workers did not register")
 
 
+async def import_leads(client: Client, csv: str) -> None:
+    form = aiohttp.FormData()
+    form.add_field("file", csv.encode(), filename="leads.csv", content_type="text/csv")
+    headers = {"Authorization": f"Bearer {client.token}"}
+    async with client.http.post(client.url + "/api/leads/import", data=form, headers=headers) as resp:
+        body = await resp.json()
+        assert resp.status == 200 and body["failed"] == [], body
+
+
 def owners(pg_url: str) -> dict[str, str]:
     dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn) as conn:
@@ -105,11 +115,27 @@ async def test_killed_worker_devices_come_back_on_the_other(
         by_worker.setdefault(worker_id, []).append(device_id)
     assert len(by_worker) == 2, "commands spread the devices over both workers"
 
+    # Messages in flight when the worker dies: a campaign to one lead per device, sent without pacing.
+    fast = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
+    for device_id in ids:
+        await client.call("PATCH", f"/api/devices/{device_id}", fast)
+    rows = ["name,phone,niche,device_id"] + [f"L{n},+6019{n:07d},failover,{ids[n % DEVICES]}" for n in range(LEADS)]
+    await import_leads(client, "\n".join(rows))
+    first = await client.call(
+        "POST", "/api/campaigns", {"title": "Before", "message": "Hi {name}", "niche": "failover"}
+    )
+    while (await client.call("GET", f"/api/campaigns/{first['id']}/report"))["done_send"] < LEADS // 10:
+        await asyncio.sleep(0.02)
+
     victim_pid = workers[0].proc.pid  # type: ignore[union-attr]
     victim = next(w for w in by_worker if f"-{victim_pid}-" in w)
     orphaned = set(by_worker[victim])
     killed_at = time.monotonic()
     workers[0].stop(signal.SIGKILL)
+    # Messages queued while the dead worker's devices have no worker.
+    second = await client.call(
+        "POST", "/api/campaigns", {"title": "During", "message": "Again {name}", "niche": "failover"}
+    )
 
     # Every device of the killed worker reports online again (from the survivor), without a QR.
     pending = set(orphaned)
@@ -130,4 +156,16 @@ async def test_killed_worker_devices_come_back_on_the_other(
         stats = await resp.json()
     assert stats["double_connection_total"] == 0
     assert len(stats["online"]) == DEVICES
+
+    # Nothing queued before or during the failover is lost or sent twice.
+    for campaign in (first, second):
+        deadline = time.monotonic() + 120
+        while (report := await client.call("GET", f"/api/campaigns/{campaign['id']}/report"))["remaining_send"]:
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.2)
+        assert (report["should_send"], report["done_send"], report["failed_send"]) == (LEADS, LEADS, 0)
+    async with aiohttp.ClientSession() as http, http.get(sim_url + "/api/sim/inbox-counts") as resp:
+        counts = (await resp.json())["counts"]
+    received = {phone: counts.get(phone, 0) for phone in (f"6019{n:07d}" for n in range(LEADS))}
+    assert set(received.values()) == {2}, {p: n for p, n in received.items() if n != 2}
     await ws.close()

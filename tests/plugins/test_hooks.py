@@ -452,10 +452,12 @@ async def test_entry_points_are_loaded_and_broken_ones_skipped(
 ) -> None:
     host = PluginHost()
     loaded = host.load_entry_points()
-    assert loaded == [installed_plugins.good]
+    # The project's own plugins (such as the broadcast campaign type) load through the same group.
+    assert installed_plugins.good in loaded and "broadcast" in loaded
+    assert installed_plugins.bad not in loaded
     assert installed_plugins.good in host.names()
     assert installed_plugins.bad not in host.names()
-    assert [t.name for t in await host.call_flat("wamd_campaign_types")] == ["from-entry-point"]
+    assert "from-entry-point" in [t.name for t in await host.call_flat("wamd_campaign_types")]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(installed_plugins.bad in m and "failed to load" in m for m in errors), errors
     assert any("ep_missing" in m for m in errors), errors

@@ -162,7 +162,21 @@ async def test_parameters_bodies_and_responses_are_described(server: Server) -> 
         ("PATCH", "/api/users/{id}", {"name", "role", "is_active", "password"}),
         ("PUT", "/api/users/{id}/devices", {"device_ids"}),
         ("POST", "/api/devices", {"name"}),
-        ("PATCH", "/api/devices/{id}", {"name", "min_delay_s", "max_delay_s", "hourly_cap", "daily_cap"}),
+        (
+            "PATCH",
+            "/api/devices/{id}",
+            {
+                "name",
+                "min_delay_s",
+                "max_delay_s",
+                "hourly_cap",
+                "daily_cap",
+                "quiet_start",
+                "quiet_end",
+                "warmup_days",
+                "typing",
+            },
+        ),
         ("POST", "/api/devices/{id}/pair", {"method", "phone"}),
     ]
     for method, path, fields in body_routes:

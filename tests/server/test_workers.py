@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 
-from tests.conftest import Server, ServerFactory, StandaloneSim, truncate_all
+from tests.conftest import Server, ServerFactory, StandaloneSim, eventually, truncate_all
 from wamd_server.domain import errors
 from wamd_server.infra.bus.rpc import rebuild_error
 
@@ -70,14 +70,15 @@ async def test_stopping_a_worker_hands_its_devices_to_another(
     first = await make_server(pg_url, **shared)
     ids = [await pair(first, f"D{n}", f"6012300006{n}") for n in range(4)]
     second = await make_server(pg_url, **shared)
-    ws = await second.ws()
     await first.runtime.stop()  # graceful: its leases are handed back at once
-    pending = set(ids)
-    while pending:
-        event = await ws.wait_event("device.status", test=lambda e: e["status"] == "online", timeout=20)
-        pending.discard(event["device_id"])
     assert second.runtime.worker is not None
-    assert second.runtime.worker.held == {uuid.UUID(d) for d in ids}
+    worker = second.runtime.worker
+
+    async def all_online_on_second() -> bool:
+        statuses = {d["status"] for d in (await second.ok("GET", "/api/devices"))["items"]}
+        return worker.held == {uuid.UUID(d) for d in ids} and statuses == {"online"}
+
+    await eventually(all_online_on_second, timeout=20)
     stats = await second.sim("GET", "/stats")
     assert stats["double_connection_total"] == 0
     # Commands now reach the devices through the new owner.

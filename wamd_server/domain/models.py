@@ -60,6 +60,14 @@ class Device:
     qr_code: str | None = None
     qr_expires_at: datetime | None = None
     banned_until: datetime | None = None
+    linked_at: datetime | None = None
+    quiet_start: str | None = None  # "HH:MM" local (WAMD_TIMEZONE); no sends from quiet_start to quiet_end
+    quiet_end: str | None = None
+    warmup_days: int = 0  # 0: no warm-up; else the daily cap ramps up over this many days after linking
+    typing: bool = True  # show "typing…" before each send
+    queue_paused_reason: str | None = None
+    queue_pause_kind: str | None = None  # failures | ban | logout | user
+    queue_paused_at: datetime | None = None
 
 
 @dataclass
@@ -71,6 +79,10 @@ class DevicePatch:
     max_delay_s: float | None = None
     hourly_cap: int | None = None
     daily_cap: int | None = None
+    quiet_start: str | None = None
+    quiet_end: str | None = None
+    warmup_days: int | None = None
+    typing: bool | None = None
 
 
 @dataclass
@@ -106,3 +118,96 @@ class OutboundMessage:
 class SendResult:
     wa_id: str
     server_timestamp: datetime
+
+
+class TargetStatus(enum.StrEnum):
+    PROSPECT = "prospect"
+    CUSTOMER = "customer"
+
+
+@dataclass
+class Lead:
+    id: UUID
+    user_id: UUID
+    phone: str  # E.164 digits without '+'
+    name: str = ""
+    niche: str = ""
+    target_status: TargetStatus = TargetStatus.PROSPECT
+    triggers: list[str] = field(default_factory=list)
+    device_id: UUID | None = None  # the owner device that sends to this lead
+    notes: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+    opted_out_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class OutboxStatus(enum.StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class SourceKind(enum.StrEnum):
+    CAMPAIGN = "campaign"
+    SEQUENCE = "sequence"
+    MANUAL = "manual"
+    PLUGIN = "plugin"
+
+
+@dataclass
+class OutboxItem:
+    """One outbound message on its way (see DESIGN §2). Plugins' `wamd_before_send` may edit `text`."""
+
+    id: UUID
+    device_id: UUID
+    recipient: str  # phone digits
+    text: str
+    source_kind: SourceKind
+    source_key: str
+    wa_message_id: str
+    status: OutboxStatus
+    scheduled_at: datetime
+    user_id: UUID | None = None
+    lead_id: UUID | None = None
+    media_id: UUID | None = None
+    source_id: UUID | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    min_delay_s: float | None = None
+    max_delay_s: float | None = None
+    sent_at: datetime | None = None
+    seq: int = 0  # enqueue order among messages due at the same time
+
+
+class CampaignStatus(enum.StrEnum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Campaign:
+    id: UUID
+    user_id: UUID
+    type: str
+    title: str
+    message: str
+    scheduled_at: datetime
+    status: CampaignStatus
+    image_media_id: UUID | None = None
+    niche: str | None = None
+    target_status: str = "all"  # prospect | customer | all
+    device_ids: list[UUID] = field(default_factory=list)
+    min_delay_s: float | None = None
+    max_delay_s: float | None = None
+    options: dict[str, object] = field(default_factory=dict)
+    status_reason: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None

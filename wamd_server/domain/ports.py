@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +13,7 @@ from wamd_server.domain.events import TransportEvent
 from wamd_server.domain.models import (
     Device,
     DevicePatch,
+    DeviceStatus,
     InboundMessage,
     OutboundMessage,
     Role,
@@ -26,6 +28,10 @@ class Clock(Protocol):
         ...
 
     async def sleep(self, seconds: float) -> None: ...
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> bool:
+        """Wait until `event` is set or `seconds` (of this clock) pass; True when the event was set."""
+        ...
 
 
 # --- WhatsApp link -----------------------------------------------------------------------------------------
@@ -211,6 +217,12 @@ class DeviceRepository(Protocol):
 
     async def delete(self, device_id: UUID) -> bool: ...
 
+    async def set_status_where(
+        self, device_ids: Iterable[UUID], current: Iterable[DeviceStatus], status: DeviceStatus, reason: str
+    ) -> list[Device]:
+        """Set the status of those devices that are in one of `current` statuses; returns them, updated."""
+        ...
+
     async def to_reconnect(self) -> list[Device]:
         """Linked devices that nobody logged out, in a stable order, for the start-up reconnect."""
         ...
@@ -223,8 +235,9 @@ class MessageRepository(Protocol):
         """Persist a message and its chat row in one transaction; False when it was already stored."""
         ...
 
-    async def mark_status(self, device_id: UUID, wa_ids: Sequence[str], status: str) -> int:
-        """Move our sent messages forward (sent → delivered → read → played); returns how many changed."""
+    async def mark_status(self, keys: Sequence[tuple[UUID, str]], status: str) -> set[tuple[UUID, str]]:
+        """Move our sent messages (device, message id) forward (sent → delivered → read → played); returns the
+        keys of the messages found."""
         ...
 
 
@@ -314,3 +327,12 @@ class WorkerCommands(Protocol):
     """Sends a device command to a worker process and returns its answer (raising its `DomainError`)."""
 
     async def call(self, worker_id: str, op: str, device_id: UUID, args: dict[str, Any], timeout_s: float) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An outbox row WhatsApp acknowledged."""
+
+    id: UUID
+    sent_at: datetime
+    server_ts: datetime

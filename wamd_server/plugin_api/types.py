@@ -46,9 +46,16 @@ class TransportSpec:
 
 @dataclass(frozen=True)
 class CampaignTypeSpec:
-    """A campaign type offered at `GET /api/campaign-types` (the built-in one is `broadcast`)."""
+    """A campaign type offered at `GET /api/campaign-types` (the built-in one is `broadcast`).
+
+    `plan(campaign, ctx)` turns a due campaign into outbox messages through `ctx`
+    (:class:`wamd_server.services.planner.PlanContext`): pages of target leads, the devices that may send,
+    lead distribution, template rendering, and `enqueue`. It must be idempotent (it runs again if the planner
+    stopped half-way; `enqueue` skips what exists). Returns the number of messages it queued.
+    """
 
     name: str
     title: str
     description: str = ""
     options_schema: dict[str, Any] = field(default_factory=dict)  # JSON schema of the campaign's `options`
+    plan: Callable[[Any, Any], Awaitable[int]] | None = None

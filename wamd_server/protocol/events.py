@@ -34,6 +34,10 @@ EVENT_TYPES = (
 # Internal bus event, never sent to clients: a user's grants, role or activity changed; WebSocket hubs
 # reload that user's view (and close the connections of a deactivated or deleted user).
 ACCESS_CHANGED = "_access.changed"
+# Internal: messages were queued for these devices; their workers' dispatchers look now.
+OUTBOX_QUEUED = "_outbox.queued"
+# Internal: a phone opted out; dispatchers stop sending to it at once.
+OPTED_OUT = "_leads.opted_out"
 
 DeviceStatusName = Literal["unpaired", "pairing", "connecting", "online", "offline", "logged_out", "banned"]
 
@@ -95,3 +99,24 @@ class MessageStatusEvent(BaseModel):
 class ChatUpdatedEvent(BaseModel):
     device_id: str
     chat_jid: str
+
+
+class CampaignProgressEvent(BaseModel):
+    campaign_id: str
+    status: str
+    should_send: int
+    done_send: int
+    failed_send: int
+    remaining_send: int
+
+
+class LeadsImportProgressEvent(BaseModel):
+    """Sent to the importing user only, every 5,000 rows and at the end (`done`; `error` if it stopped)."""
+
+    import_id: str
+    rows: int
+    created: int
+    updated: int
+    failed: int
+    done: bool
+    error: str | None = None

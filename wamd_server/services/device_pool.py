@@ -34,6 +34,7 @@ from wamd_server.domain.ports import (
 )
 from wamd_server.services import device_events
 from wamd_server.services.hooks import HookCaller
+from wamd_server.services.receipts import ReceiptBatcher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ QR_REQUIRED = "qr_required"
 # Reconnect delays after failures (connect refused, link not answering), growing per attempt.
 RETRY_DELAYS_S = (2.0, 5.0, 15.0, 60.0, 300.0)
 SUSPECT_DISCONNECT_TIMEOUT_S = 5.0
+# A burst of receipts for many chats (a broadcast) is stored, not announced chat by chat.
+RECEIPT_EVENTS_MAX = 20
 
 
 class ConnectPacer:
@@ -104,9 +107,12 @@ class DevicePool:
         self._pacer = ConnectPacer(connects_per_second)
         self._connect_timeout_s = connect_timeout_s
         self._owns = owns
+        # Told (synchronously) when a device of this worker goes online or stops being served here.
+        self.status_listeners: list[Callable[[UUID, DeviceStatus], None]] = []
         self._adopt: asyncio.Queue[UUID] = asyncio.Queue()
         self._online: set[UUID] = set()  # connected, as the last transport event said
         self._retries: dict[UUID, int] = {}  # reconnects since the device was last online, for the backoff
+        self._receipts = ReceiptBatcher(messages, self._announce_receipts)
         self._locks: dict[UUID, asyncio.Lock] = {}
         self._wanted: set[UUID] = set()
         self._outcomes: dict[UUID, list[asyncio.Future[DeviceStatus]]] = {}
@@ -143,11 +149,18 @@ class DevicePool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         wanted, self._wanted = set(self._wanted), set()
+        self._online.clear()
+        # One statement, while this worker still holds the leases: a device another worker takes over later is
+        # never set back to offline by us.
+        stopped = await self._devices.set_status_where(
+            wanted, (DeviceStatus.ONLINE, DeviceStatus.CONNECTING), DeviceStatus.OFFLINE, "server stopped"
+        )
+        for device in stopped:
+            self._notify(device.id, DeviceStatus.OFFLINE)
+            await self._publish(device_events.status_event(device, self._clock.now()))
         await self.transport.close()
-        for device_id in wanted:
-            device = await self._devices.get(device_id, EVERYTHING)
-            if device is not None and device.status in (DeviceStatus.ONLINE, DeviceStatus.CONNECTING):
-                await self._set_status(device, DeviceStatus.OFFLINE, "server stopped")
+        await self._receipts.flush()
+        await self._receipts.close()
 
     def adopt(self, device_id: UUID) -> None:
         """Connect a device this worker now runs, from its stored session, paced with the others."""
@@ -165,6 +178,7 @@ class DevicePool:
         async with self._lock(device_id):
             self._forget_runtime(device_id)
             self._resolve(device_id, DeviceStatus.OFFLINE)
+            self._notify(device_id, DeviceStatus.OFFLINE)
             with contextlib.suppress(TransportError):
                 await self.transport.disconnect(device_id)
             if moving:
@@ -368,6 +382,8 @@ class DevicePool:
         device = await self._devices.get(event.device_id, EVERYTHING)
         if device is None:
             return
+        # The warm-up ramp counts from the account's first link here, not from re-pairing the same phone.
+        linked_at = device.linked_at if device.linked_at and device.phone == event.phone else self._clock.now()
         await self._set_status(
             device,
             DeviceStatus.CONNECTING,
@@ -376,6 +392,7 @@ class DevicePool:
             jid=event.jid,
             qr_code=None,
             qr_expires_at=None,
+            linked_at=linked_at,
         )
         await self._publish(device_events.paired_event(event.device_id, event.phone, event.jid, self._clock.now()))
 
@@ -400,6 +417,7 @@ class DevicePool:
             qr_expires_at=None,
         )
         self._resolve(event.device_id, DeviceStatus.ONLINE)
+        self._notify(event.device_id, DeviceStatus.ONLINE)  # also when it was online already (its lane restarts)
 
     async def _on_disconnected(self, event: te.Disconnected) -> None:
         self._online.discard(event.device_id)
@@ -477,9 +495,15 @@ class DevicePool:
             await self._hooks.message_received(device, event.message)
 
     async def _on_receipt(self, event: te.Receipt) -> None:
-        changed = await self._messages.mark_status(event.device_id, event.message_ids, event.type.value)
-        if changed:
-            await self._publish(device_events.message_status_event(event, self._clock.now()))
+        self._receipts.add(event)
+
+    async def _announce_receipts(self, receipts: list[te.Receipt]) -> None:
+        per_device: dict[UUID, int] = {}
+        for receipt in receipts:
+            per_device[receipt.device_id] = per_device.get(receipt.device_id, 0) + 1
+            # A broadcast's receipts (many chats at once) are stored, not announced one chat at a time.
+            if per_device[receipt.device_id] <= RECEIPT_EVENTS_MAX:
+                await self._publish(device_events.message_status_event(receipt, self._clock.now()))
 
     async def _on_history(self, event: te.HistoryChunk) -> None:
         chats = set()
@@ -604,8 +628,16 @@ class DevicePool:
         ):
             await self._publish(device_events.status_event(after, self._clock.now()))
         if after.status is not before.status:
+            self._notify(after.id, after.status)
             await self._hooks.device_status_changed(after, before.status, after.status)
         return after
+
+    def _notify(self, device_id: UUID, status: DeviceStatus) -> None:
+        for listener in self.status_listeners:
+            try:
+                listener(device_id, status)
+            except Exception:
+                log.exception("device %s: status listener failed", device_id)
 
     async def _publish(self, event: Any) -> None:
         try:

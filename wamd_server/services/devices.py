@@ -58,7 +58,23 @@ class DeviceService:
         daily = patch.daily_cap if patch.daily_cap is not None else device.daily_cap
         if hourly > daily:
             raise InvalidInput("hourly_cap must not exceed daily_cap", {"field": "hourly_cap"})
-        return await self._devices.patch(device_id, patch)
+        quiet = {}
+        if patch.quiet_start is not None or patch.quiet_end is not None:
+            # Quiet hours come as a pair; "" for both removes them.
+            start = patch.quiet_start if patch.quiet_start is not None else device.quiet_start
+            end = patch.quiet_end if patch.quiet_end is not None else device.quiet_end
+            if bool(start) != bool(end):
+                raise InvalidInput(
+                    'quiet_start and quiet_end go together ("" for both clears them)', {"field": "quiet_start"}
+                )
+            quiet = {"quiet_start": start or None, "quiet_end": end or None}
+            patch.quiet_start = patch.quiet_end = None
+        updated = await self._devices.patch(device_id, patch)
+        if quiet:
+            found = await self._devices.set_fields(device_id, **quiet)
+            assert found is not None
+            updated = found
+        return updated
 
     async def delete(self, user: User, device_id: UUID) -> None:
         await self.get(user, device_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wamd_server.domain.models import Device, DeviceStatus, InboundMessage
+from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboxItem
 from wamd_server.plugin_api.manager import PluginHost
 
 
@@ -15,3 +15,12 @@ class HookCaller:
 
     async def message_received(self, device: Device, message: InboundMessage) -> None:
         await self.host.call("wamd_message_received", device=device, message=message)
+
+    async def before_send(self, item: OutboxItem) -> str | None:
+        """The veto reason of the first plugin that vetoes `item` (False or a reason string), else None."""
+        for answer in await self.host.call("wamd_before_send", item=item):
+            if answer is False:
+                return "vetoed"
+            if isinstance(answer, str) and answer.strip():
+                return answer.strip()
+        return None

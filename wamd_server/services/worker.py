@@ -66,6 +66,7 @@ class DeviceWorker:
         self.held: set[UUID] = held if held is not None else set()
         self._renewed_at = 0.0  # monotonic time of the last successful renewal (taken before it was sent)
         self._fenced = False
+        self._stopping = False
         self._loop: asyncio.Task[None] | None = None
         self._ticks = 0
 
@@ -82,11 +83,14 @@ class DeviceWorker:
 
     async def stop(self) -> None:
         await self.watchdog.stop()
+        # Keep renewing the leases (but take nothing new) until every session is closed: closing many real
+        # WhatsApp clients can outlast a lease, and another worker must not connect a device still open here.
+        self._stopping = True
+        await self.pool.stop()
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
-        await self.pool.stop()
         # Hand the devices over at once rather than after the leases expire.
         with contextlib.suppress(Exception):
             await self._leases.forget_worker(self.id)
@@ -123,6 +127,8 @@ class DeviceWorker:
         for device_id in lost:
             log.warning("worker %s: lost the lease of device %s; stopping its session", self.id, device_id)
             await self.pool.release(device_id)
+        if self._stopping:
+            return
         await self._balance()
         self._ticks += 1
         if self._ticks % 5 == 1:
@@ -133,7 +139,12 @@ class DeviceWorker:
         needing = await self._leases.needing_sessions()
         fair = math.ceil(needing / max(1, len(live)))
         slack = max(1, fair // 20)  # tolerance before handing devices over, so workers do not trade back and forth
-        target = min(self.info.capacity, fair + slack)
+        # Devices nobody runs that the other workers have no room for (their capacity is below the even share)
+        # are ours to take too, up to our own capacity.
+        others = [w for w in live if w.id != self.id]
+        others_room = sum(max(0, min(w.capacity, fair + slack) - w.held) for w in others)
+        unowned = max(0, needing - len(self.held) - sum(w.held for w in others))
+        target = min(self.info.capacity, max(fair + slack, len(self.held) + unowned - others_room))
         if len(self.held) < target:
             for device_id in await self._leases.claim(self.id, target - len(self.held), self.timing.ttl_s):
                 self.held.add(device_id)

@@ -21,6 +21,7 @@ from wamd_server.sim.schemas import (
     ErrorDetail,
     ErrorOut,
     FaultsBody,
+    InboxCountsOut,
     InboxItemOut,
     InboxOut,
     JidOut,
@@ -107,6 +108,9 @@ def control_routes(network: SimNetwork) -> list[Route]:
         items = network.inbox(request.match_info["phone"])
         return _answer(InboxOut(items=[InboxItemOut.model_validate(item) for item in items]))
 
+    async def inbox_counts(request: web.Request) -> web.StreamResponse:
+        return _answer(InboxCountsOut(counts=network.inbox_counts()))
+
     async def unlink(request: web.Request) -> web.StreamResponse:
         body = await read_body(request, UnlinkBody)
         return _answer(UnlinkOut(unlinked=await network.unlink(body.phone, body.jid)))
@@ -144,6 +148,7 @@ def control_routes(network: SimNetwork) -> list[Route]:
         ("POST", f"{PREFIX}/pair-code", pair_code),
         ("POST", f"{PREFIX}/send", send),
         ("GET", f"{PREFIX}/inbox/{{phone}}", inbox),
+        ("GET", f"{PREFIX}/inbox-counts", inbox_counts),
         ("POST", f"{PREFIX}/unlink", unlink),
         ("POST", f"{PREFIX}/faults", faults),
         ("POST", f"{PREFIX}/read", read),

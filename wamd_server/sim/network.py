@@ -435,6 +435,10 @@ class SimNetwork:
             return []
         return [item.public() for item in account.inbox.values()]
 
+    def inbox_counts(self) -> dict[str, int]:
+        """Per phone, how many distinct messages it received (a message re-sent with its id counts once)."""
+        return {phone: len(account.inbox) for phone, account in self._accounts.items() if account.inbox}
+
     # --- phone-side actions and faults ----------------------------------------------------------------
 
     async def unlink(self, phone: str, jid: str | None = None) -> list[str]:

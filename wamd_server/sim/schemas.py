@@ -113,6 +113,10 @@ class InboxItemOut(BaseModel):
     at: str
 
 
+class InboxCountsOut(BaseModel):
+    counts: dict[str, int]
+
+
 class InboxOut(BaseModel):
     items: list[InboxItemOut]
 

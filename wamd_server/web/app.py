@@ -12,11 +12,23 @@ from wamd_server.web.context import CTX, ApiContext
 from wamd_server.web.errors import error_middleware
 from wamd_server.web.hub import HUB, Hub
 from wamd_server.web.openapi import build_spec
-from wamd_server.web.routes import auth, devices, health, users
+from wamd_server.web.routes import auth, campaigns, chats, devices, health, leads, media, queue, templates, users
 from wamd_server.web.routing import Endpoint, RouteTable, install
 from wamd_server.web.ws import routes as ws_routes
 
-CORE_TABLES: tuple[RouteTable, ...] = (health.routes, auth.routes, users.routes, devices.routes, ws_routes)
+CORE_TABLES: tuple[RouteTable, ...] = (
+    health.routes,
+    auth.routes,
+    users.routes,
+    devices.routes,
+    chats.routes,
+    leads.routes,
+    templates.routes,
+    media.routes,
+    campaigns.routes,
+    queue.routes,
+    ws_routes,
+)
 OPENAPI = web.AppKey("wamd_openapi", dict)
 
 

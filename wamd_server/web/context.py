@@ -9,10 +9,15 @@ from typing import Any
 from aiohttp import web
 
 from wamd_server.config import Config
-from wamd_server.domain.ports import EventBus, UserRepository
+from wamd_server.domain.ports import Clock, EventBus, UserRepository
 from wamd_server.plugin_api.manager import PluginHost
 from wamd_server.services.auth import AuthService
+from wamd_server.services.campaigns import CampaignService
 from wamd_server.services.devices import DeviceService
+from wamd_server.services.leads import LeadService
+from wamd_server.services.media import MediaService
+from wamd_server.services.queue import QueueService
+from wamd_server.services.templates import TemplateService
 from wamd_server.services.users import UserService
 
 
@@ -23,6 +28,12 @@ class ApiContext:
     auth: AuthService
     users: UserService
     devices: DeviceService
+    leads: LeadService
+    templates: TemplateService
+    media: MediaService
+    campaigns: CampaignService
+    queue: QueueService
+    clock: Clock
     user_repo: UserRepository
     bus: EventBus
     plugins: PluginHost

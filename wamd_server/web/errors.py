@@ -87,6 +87,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except ConnectionError:
+        # The client went away mid-request: nobody is left to answer, and it is not a server fault.
+        log.info("client disconnected during %s %s", request.method, request.path)
+        return error_response(400, "client_disconnected", "the client disconnected")
     except Exception:
         ref = secrets.token_hex(4)
         log.exception("unhandled error on %s %s (ref %s)", request.method, request.path, ref)

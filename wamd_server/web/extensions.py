@@ -64,6 +64,7 @@ SIM_SUMMARIES = {
     "/api/sim/pair-code": "Simulator: a phone enters a pairing code",
     "/api/sim/send": "Simulator: a contact writes to an account",
     "/api/sim/inbox/{phone}": "Simulator: what a phone received",
+    "/api/sim/inbox-counts": "Simulator: how many distinct messages each phone received",
     "/api/sim/unlink": "Simulator: unlink devices from the phone",
     "/api/sim/faults": "Simulator: inject faults (disconnect, ban, failures, latency, not on WhatsApp)",
     "/api/sim/read": "Simulator: a phone reads what a contact sent (read receipts)",

@@ -109,6 +109,8 @@ class Hub:
         if event.type == ACCESS_CHANGED:
             await self._reload_access(UUID(event.data["user_id"]))
             return
+        if event.type.startswith("_"):  # internal coordination between processes, never for clients
+            return
         for conn in tuple(self.connections):
             conn.offer(event)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -31,6 +31,14 @@ DEVICE_FIELDS = frozenset(
         "qr_code",
         "qr_expires_at",
         "banned_until",
+        "linked_at",
+        "quiet_start",
+        "quiet_end",
+        "warmup_days",
+        "typing",
+        "queue_paused_reason",
+        "queue_pause_kind",
+        "queue_paused_at",
     }
 )
 
@@ -53,6 +61,14 @@ def device_from_row(row: RowMapping) -> Device:
         qr_code=row["qr_code"],
         qr_expires_at=row["qr_expires_at"],
         banned_until=row["banned_until"],
+        linked_at=row["linked_at"],
+        quiet_start=row["quiet_start"],
+        quiet_end=row["quiet_end"],
+        warmup_days=row["warmup_days"],
+        typing=row["typing"],
+        queue_paused_reason=row["queue_paused_reason"],
+        queue_pause_kind=row["queue_pause_kind"],
+        queue_paused_at=row["queue_paused_at"],
     )
 
 
@@ -121,6 +137,21 @@ class SqlDeviceRepository:
             await conn.execute(update(devices).where(devices.c.id == device_id).values(values))
             row = (await conn.execute(select(devices).where(devices.c.id == device_id))).mappings().first()
         return device_from_row(row) if row else None
+
+    async def set_status_where(
+        self, device_ids: Iterable[UUID], current: Iterable[DeviceStatus], status: DeviceStatus, reason: str
+    ) -> list[Device]:
+        ids = list(device_ids)
+        if not ids:
+            return []
+        stmt = (
+            update(devices)
+            .where(devices.c.id.in_(ids), devices.c.status.in_([s.value for s in current]))
+            .values(status=status.value, status_reason=reason, updated_at=datetime.now(UTC))
+            .returning(*devices.c)
+        )
+        async with self._engine.begin() as conn:
+            return [device_from_row(r) for r in (await conn.execute(stmt)).mappings()]
 
     async def delete(self, device_id: UUID) -> bool:
         async with self._engine.begin() as conn:

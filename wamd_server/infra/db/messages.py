@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from sqlalchemy import case, update
+from sqlalchemy import case, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server.domain.models import InboundMessage
@@ -78,19 +78,77 @@ class SqlMessageRepository:
             await conn.execute(chat)
         return True
 
-    async def mark_status(self, device_id: UUID, wa_ids: Sequence[str], status: str) -> int:
-        if status not in STATUS_ORDER or not wa_ids:
-            return 0
+    async def mark_status(self, keys: Sequence[tuple[UUID, str]], status: str) -> set[tuple[UUID, str]]:
+        """Move our sent messages (device, message id) to `status` if that is later than theirs; returns the keys
+        of the messages found (a receipt can arrive before its message is stored)."""
+        if status not in STATUS_ORDER or not keys:
+            return set()
         earlier = STATUS_ORDER[: STATUS_ORDER.index(status)]
         stmt = (
             update(messages)
-            .where(
-                messages.c.device_id == device_id,
-                messages.c.wa_message_id.in_(list(wa_ids)),
-                messages.c.from_me,
-                messages.c.status.in_(earlier),
-            )
-            .values(status=status)
+            .where(tuple_(messages.c.device_id, messages.c.wa_message_id).in_(list(keys)), messages.c.from_me)
+            .values(status=case((messages.c.status.in_(earlier), status), else_=messages.c.status))
+            .returning(messages.c.device_id, messages.c.wa_message_id)
         )
         async with self._engine.begin() as conn:
-            return int((await conn.execute(stmt)).rowcount or 0)
+            return {(r.device_id, r.wa_message_id) for r in await conn.execute(stmt)}
+
+    async def store_sent(self, device_id: UUID, sent: list[InboundMessage]) -> None:
+        """Our own sends join the chat history (one statement per table for the whole batch)."""
+        if not sent:
+            return
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            rows = [
+                {
+                    "id": uuid.uuid4(),
+                    "device_id": device_id,
+                    "chat_jid": m.chat_jid,
+                    "wa_message_id": m.wa_id,
+                    "from_me": True,
+                    "sender_jid": m.sender_jid or None,
+                    "text": m.text,
+                    "media_type": m.media_type,
+                    "status": "sent",
+                    "sent_at": m.timestamp,
+                    "created_at": now,
+                }
+                for m in sent
+            ]
+            await conn.execute(
+                insert_for(conn, messages).on_conflict_do_nothing(
+                    index_elements=[messages.c.device_id, messages.c.wa_message_id]
+                ),
+                rows,
+            )
+            latest: dict[str, InboundMessage] = {}
+            for m in sent:
+                if m.chat_jid not in latest or m.timestamp >= latest[m.chat_jid].timestamp:
+                    latest[m.chat_jid] = m
+            chat_rows = [
+                {
+                    "id": uuid.uuid4(),
+                    "device_id": device_id,
+                    "jid": m.chat_jid,
+                    "is_group": False,
+                    "last_message_at": m.timestamp,
+                    "last_message_text": (m.text[:PREVIEW_CHARS] or ("[image]" if m.media_type else "")),
+                    "unread_count": 0,
+                    "created_at": now,
+                }
+                for m in latest.values()
+            ]
+            chat = insert_for(conn, chats)
+            newer = chat.excluded.last_message_at >= chats.c.last_message_at
+            await conn.execute(
+                chat.on_conflict_do_update(
+                    index_elements=[chats.c.device_id, chats.c.jid],
+                    set_={
+                        "last_message_at": case((newer, chat.excluded.last_message_at), else_=chats.c.last_message_at),
+                        "last_message_text": case(
+                            (newer, chat.excluded.last_message_text), else_=chats.c.last_message_text
+                        ),
+                    },
+                ),
+                chat_rows,
+            )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -17,7 +19,7 @@ from sqlalchemy import (
     Uuid,
 )
 
-from wamd_server.infra.db.types import UtcDateTime
+from wamd_server.infra.db.types import JsonType, UtcDateTime
 
 metadata = MetaData(
     naming_convention={
@@ -74,6 +76,16 @@ devices = Table(
     Column("banned_until", UtcDateTime),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Sending: first link time (for the warm-up ramp), quiet hours ("HH:MM" in WAMD_TIMEZONE), typing presence,
+    # and why the send queue is paused (None: running).
+    Column("linked_at", UtcDateTime),
+    Column("quiet_start", String(5)),
+    Column("quiet_end", String(5)),
+    Column("warmup_days", Integer, nullable=False, server_default="0"),
+    Column("typing", Boolean, nullable=False, server_default="1"),
+    Column("queue_paused_reason", Text),
+    Column("queue_pause_kind", String(16)),
+    Column("queue_paused_at", UtcDateTime),
 )
 
 device_grants = Table(
@@ -149,4 +161,100 @@ device_leases = Table(
     Column("worker_id", String(64), nullable=False, index=True),
     Column("acquired_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
+)
+
+media = Table(
+    "media",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="SET NULL")),
+    Column("mime", String(100), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False, index=True),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+leads = Table(
+    "leads",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("phone", String(32), nullable=False),  # E.164 digits without '+'
+    Column("niche", String(100), nullable=False, server_default=""),
+    Column("target_status", String(16), nullable=False, server_default="prospect"),
+    Column("triggers", JsonType, nullable=False),
+    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="SET NULL"), index=True),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("fields", JsonType, nullable=False),
+    Column("opted_out_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("user_id", "phone"),
+    Index("ix_leads_user_niche", "user_id", "niche"),
+    Index("ix_leads_phone", "phone"),
+)
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("type", String(50), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("image_media_id", Uuid, ForeignKey("media.id", ondelete="SET NULL")),
+    Column("niche", String(100)),  # None: every niche
+    Column("target_status", String(16), nullable=False, server_default="all"),
+    Column("device_ids", JsonType, nullable=False),  # [] : every device the owner may use
+    Column("scheduled_at", UtcDateTime, nullable=False),
+    Column("min_delay_s", Float),  # None: each device's own pacing
+    Column("max_delay_s", Float),
+    Column("status", String(16), nullable=False),
+    Column("status_reason", Text),
+    Column("options", JsonType, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("started_at", UtcDateTime),
+    Column("finished_at", UtcDateTime),
+    Index("ix_campaigns_status_due", "status", "scheduled_at"),
+)
+
+# Every outbound message, whoever produced it. `source_key` makes producing idempotent; `wa_message_id` is
+# assigned before the first attempt so a re-send after a crash reuses it.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("seq", BigInteger, nullable=False),  # enqueue order within a scheduled time
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="SET NULL")),
+    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    Column("lead_id", Uuid, ForeignKey("leads.id", ondelete="SET NULL")),
+    Column("recipient", String(32), nullable=False),
+    Column("text", Text, nullable=False, server_default=""),
+    Column("media_id", Uuid, ForeignKey("media.id", ondelete="SET NULL")),
+    Column("source_kind", String(16), nullable=False),
+    Column("source_id", Uuid),
+    Column("source_key", String(200), nullable=False, unique=True),
+    Column("wa_message_id", String(64), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("scheduled_at", UtcDateTime, nullable=False),
+    Column("min_delay_s", Float),
+    Column("max_delay_s", Float),
+    Column("claimed_at", UtcDateTime),
+    Column("sent_at", UtcDateTime),
+    Column("server_ts", UtcDateTime),
+    Column("delivered_at", UtcDateTime),
+    Column("read_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_outbox_due", "device_id", "status", "scheduled_at", "seq"),
+    Index("ix_outbox_source", "source_kind", "source_id", "status"),
+    Index("ix_outbox_sent", "device_id", "sent_at"),
+    Index("ix_outbox_recipient", "recipient", "status"),
 )

@@ -30,6 +30,11 @@ def device_out(device: Device) -> dict[str, object]:
         max_delay_s=device.max_delay_s,
         hourly_cap=device.hourly_cap,
         daily_cap=device.daily_cap,
+        quiet_start=device.quiet_start,
+        quiet_end=device.quiet_end,
+        warmup_days=device.warmup_days,
+        typing=device.typing,
+        queue_paused_reason=device.queue_paused_reason,
         created_at=device.created_at,
     ).model_dump(mode="json")
 

@@ -1,0 +1,1 @@
+"""The built-in `broadcast` campaign type: one message to every matching lead, each from its owner device."""

@@ -1,0 +1,125 @@
+"""Campaigns end to end on the in-process simulated network: planning, sending, reports."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import Server, eventually
+
+FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
+
+
+async def linked_devices(server: Server, count: int, first_phone: int = 60123100000) -> list[dict[str, Any]]:
+    ws = await server.ws()
+    devices = []
+    for n in range(count):
+        device = await server.create_device(f"Sender {n}")
+        await server.pair_by_qr(device["id"], str(first_phone + n), ws)
+        devices.append(await server.ok("PATCH", f"/api/devices/{device['id']}", json=FAST))
+    return devices
+
+
+async def make_leads(
+    server: Server, count: int, devices: list[dict[str, Any]], niche: str = "property"
+) -> list[dict[str, Any]]:
+    leads = []
+    for n in range(count):
+        body = {
+            "name": f"Lead {n}",
+            "phone": f"+6019{n:07d}",
+            "niche": niche,
+            "target_status": "prospect",
+            "device_id": devices[n % len(devices)]["id"],
+        }
+        leads.append(await server.ok("POST", "/api/leads", json=body))
+    return leads
+
+
+async def test_broadcast_sends_each_lead_one_message_from_its_owner_device(server: Server) -> None:
+    devices = await linked_devices(server, 3)
+    leads = await make_leads(server, 12, devices)
+    campaign = await server.ok(
+        "POST",
+        "/api/campaigns",
+        json={"title": "Promo", "message": "Hi {name}, {see|view} https://x.example/a?b=1 now", "niche": "property"},
+    )
+    assert campaign["status"] == "scheduled"
+
+    async def done() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["done_send"] == 12
+
+    await eventually(done, timeout=30)
+    report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+    assert (report["should_send"], report["failed_send"], report["remaining_send"]) == (12, 0, 0)
+    assert sum(d["done_send"] for d in report["devices"]) == 12
+    device_phones = {d["id"]: d["phone"] for d in devices}
+    for lead in leads:
+        inbox = await server.sim("GET", f"/inbox/{lead['phone']}")
+        assert len(inbox["items"]) == 1, inbox
+        message = inbox["items"][0]
+        assert message["from_phone"] == device_phones[lead["device_id"]]
+        assert message["text"].startswith(f"Hi {lead['name']}, ")
+        assert "https://x.example/a?b=1" in message["text"]
+
+    async def completed() -> bool:
+        return (await server.ok("GET", f"/api/campaigns/{campaign['id']}"))["status"] == "completed"
+
+    await eventually(completed, timeout=10)
+
+
+async def test_a_ban_pauses_the_device_queue_at_once(server: Server) -> None:
+    devices = await linked_devices(server, 1)
+    device = devices[0]
+    ws = await server.ws()
+    started = asyncio.get_running_loop().time()
+    await server.sim("POST", "/faults", {"phone": device["phone"], "ban_seconds": 600})
+    await ws.wait_event("device.status", device["id"], lambda e: e["status"] == "banned")
+
+    async def paused() -> bool:
+        rows = (await server.ok("GET", "/api/queue"))["items"]
+        return any(r["device_id"] == device["id"] and r["pause_kind"] == "ban" for r in rows)
+
+    await eventually(paused, timeout=5)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    # Nothing queued for it goes out while banned.
+    await make_leads(server, 2, devices)
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "During ban", "message": "Hi"})
+
+    async def planned() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["should_send"] == 2
+
+    await eventually(planned)
+    report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+    assert (report["done_send"], report["remaining_send"]) == (0, 2)
+
+
+async def test_opted_out_leads_receive_nothing(server: Server) -> None:
+    devices = await linked_devices(server, 1)
+    leads = await make_leads(server, 3, devices)
+    quitter = leads[1]
+    ws = await server.ws()
+    network = server.runtime.sim_network
+    assert network is not None
+    await network.contact_send(quitter["phone"], devices[0]["phone"], "stop!")
+    await ws.wait_event("message.new", devices[0]["id"])
+
+    async def opted_out() -> bool:
+        lead = await server.ok("GET", f"/api/leads/{quitter['id']}")
+        return lead["opted_out_at"] is not None
+
+    await eventually(opted_out)
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "After STOP", "message": "Hi {name}"})
+
+    async def done() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["remaining_send"] == 0 and report["should_send"] > 0
+
+    await eventually(done, timeout=20)
+    assert (await server.sim("GET", f"/inbox/{quitter['phone']}"))["items"] == []
+    for lead in (leads[0], leads[2]):
+        assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
+    report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+    assert (report["should_send"], report["done_send"]) == (2, 2)

@@ -1,0 +1,91 @@
+"""Pacing rules: gaps, rolling hourly cap, daily cap per local day, warm-up, quiet hours (pure, no I/O)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from wamd_server.domain.errors import InvalidInput
+from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at, parse_clock_time
+
+KL = ZoneInfo("Asia/Kuala_Lumpur")
+
+
+def rules(**overrides: object) -> PacingRules:
+    values: dict[str, object] = {"min_delay_s": 10, "max_delay_s": 30, "hourly_cap": 5, "daily_cap": 8, "tz": KL}
+    values.update(overrides)
+    return PacingRules(**values)  # type: ignore[arg-type]
+
+
+def local(day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2026, 12, day, hour, minute, tzinfo=KL).astimezone(UTC)
+
+
+def test_the_gap_follows_the_last_send() -> None:
+    history = SendHistory([local(1, 10)])
+    assert next_send_at(rules(), history, local(1, 10) + timedelta(seconds=3), 20) == local(1, 10) + timedelta(
+        seconds=20
+    )
+    assert next_send_at(rules(), history, local(1, 11), 20) == local(1, 11)
+
+
+def test_gaps_are_drawn_within_min_and_max() -> None:
+    rng = random.Random(7)
+    gaps = [rules().gap(rng) for _ in range(1000)]
+    assert min(gaps) >= 10 and max(gaps) <= 30
+    assert rules().gap(rng, 2.0, 2.0) == 2.0  # a campaign's own fixed delay wins over the device's
+
+
+def test_rolling_hourly_cap_waits_for_the_oldest_send_to_leave_the_hour() -> None:
+    sends = [local(1, 10, m) for m in (0, 10, 20, 30, 40)]
+    at = next_send_at(rules(), SendHistory(sends), local(1, 10, 45), 0)
+    assert at > local(1, 11, 0) and at - local(1, 11, 0) < timedelta(seconds=1)
+
+
+def test_daily_cap_counts_per_local_day_and_resumes_at_local_midnight() -> None:
+    # 8 sends spread so the hourly cap never bites: the 9th waits for midnight in Kuala Lumpur, not UTC.
+    sends = [local(1, h) for h in range(9, 17)]
+    at = next_send_at(rules(hourly_cap=100), SendHistory(sends), local(1, 18), 0)
+    assert at == local(2, 0)
+
+
+def test_warm_up_ramps_the_daily_cap() -> None:
+    ramp = rules(daily_cap=100, warmup_days=4, linked_at=local(1, 9))
+    assert [ramp.daily_cap_on(local(d, 12)) for d in (1, 2, 3, 4, 5, 30)] == [25, 50, 75, 100, 100, 100]
+    assert rules(daily_cap=100).daily_cap_on(local(1, 12)) == 100
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (local(1, 22, 30), local(2, 8)),  # evening part of a window crossing midnight
+        (local(2, 7, 59), local(2, 8)),  # morning part
+        (local(2, 8, 0), None),
+        (local(1, 21, 59), None),
+    ],
+)
+def test_quiet_hours_crossing_midnight(now: datetime, expected: datetime | None) -> None:
+    quiet = rules(quiet_start=time(22), quiet_end=time(8))
+    assert quiet.quiet_until(now) == expected
+    assert next_send_at(quiet, SendHistory(), now, 0) == (expected or now)
+
+
+def test_quiet_hours_within_a_day() -> None:
+    lunch = rules(quiet_start=time(12), quiet_end=time(14))
+    assert lunch.quiet_until(local(1, 13)) == local(1, 14)
+    assert lunch.quiet_until(local(1, 15)) is None
+
+
+def test_rules_combine_a_cap_that_ends_inside_quiet_hours() -> None:
+    r = rules(hourly_cap=2, quiet_start=time(22), quiet_end=time(8))
+    history = SendHistory([local(1, 21, 30), local(1, 21, 40)])
+    assert next_send_at(r, history, local(1, 21, 50), 0) == local(2, 8)
+
+
+def test_clock_times_are_validated() -> None:
+    assert parse_clock_time("07:30", "quiet_start") == time(7, 30)
+    with pytest.raises(InvalidInput):
+        parse_clock_time("7h", "quiet_start")

@@ -1,0 +1,392 @@
+"""The outbox: one table for every outbound message and its fate.
+
+Producers insert with a unique `source_key` (`ON CONFLICT DO NOTHING`), so producing twice never doubles a
+message. The worker that owns a device claims its due rows (`FOR UPDATE SKIP LOCKED` on Postgres; SQLite has
+one writer), marks them `sending`, and records `sent` or `failed` after the attempt. Reports are computed from
+these rows only.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wamd_server.domain.ids import new_message_id
+from wamd_server.domain.models import CampaignStatus, OutboxItem, OutboxStatus, SourceKind
+from wamd_server.domain.ports import Sent
+from wamd_server.infra.db.tables import campaigns, devices, leads, outbox
+from wamd_server.infra.db.upsert import insert_for
+
+INSERT_BATCH = 1000
+
+
+def item_from_row(row: RowMapping) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"],
+        device_id=row["device_id"],
+        recipient=row["recipient"],
+        text=row["text"],
+        source_kind=SourceKind(row["source_kind"]),
+        source_key=row["source_key"],
+        wa_message_id=row["wa_message_id"],
+        status=OutboxStatus(row["status"]),
+        scheduled_at=row["scheduled_at"],
+        user_id=row["user_id"],
+        lead_id=row["lead_id"],
+        media_id=row["media_id"],
+        source_id=row["source_id"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        min_delay_s=row["min_delay_s"],
+        max_delay_s=row["max_delay_s"],
+        sent_at=row["sent_at"],
+        seq=row["seq"],
+    )
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """What a producer gives the outbox."""
+
+    device_id: UUID
+    recipient: str
+    text: str
+    source_kind: SourceKind
+    source_key: str
+    scheduled_at: datetime
+    user_id: UUID | None = None
+    lead_id: UUID | None = None
+    media_id: UUID | None = None
+    source_id: UUID | None = None
+    min_delay_s: float | None = None
+    max_delay_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Tally:
+    should_send: int
+    done_send: int
+    failed_send: int
+    remaining_send: int
+    cancelled: int = 0
+
+
+def tally_columns() -> list[Any]:
+    status = outbox.c.status
+    return [
+        func.count().label("should_send"),
+        func.sum(case((status == OutboxStatus.SENT.value, 1), else_=0)).label("done_send"),
+        func.sum(case((status == OutboxStatus.FAILED.value, 1), else_=0)).label("failed_send"),
+        func.sum(case((status.in_([OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value]), 1), else_=0)).label(
+            "remaining_send"
+        ),
+        func.sum(case((status == OutboxStatus.CANCELLED.value, 1), else_=0)).label("cancelled"),
+    ]
+
+
+def tally_from(row: Any) -> Tally:
+    # Cancelled messages (opted out, vetoed, campaign cancelled) were never due: they do not count as "should".
+    cancelled = int(row.cancelled or 0)
+    return Tally(
+        should_send=int(row.should_send or 0) - cancelled,
+        done_send=int(row.done_send or 0),
+        failed_send=int(row.failed_send or 0),
+        remaining_send=int(row.remaining_send or 0),
+        cancelled=cancelled,
+    )
+
+
+class SqlOutboxRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def enqueue(self, messages: Sequence[NewMessage], now: datetime) -> int:
+        """Insert new messages; those whose `source_key` exists already are skipped. Returns how many were new."""
+        created = 0
+        base = time.time_ns()
+        for start in range(0, len(messages), INSERT_BATCH):
+            rows = [
+                {
+                    "id": uuid.uuid4(),
+                    "seq": base + start + i,
+                    "user_id": m.user_id,
+                    "device_id": m.device_id,
+                    "lead_id": m.lead_id,
+                    "recipient": m.recipient,
+                    "text": m.text,
+                    "media_id": m.media_id,
+                    "source_kind": m.source_kind.value,
+                    "source_id": m.source_id,
+                    "source_key": m.source_key,
+                    "wa_message_id": new_message_id(),
+                    "status": OutboxStatus.QUEUED.value,
+                    "attempts": 0,
+                    "scheduled_at": m.scheduled_at,
+                    "min_delay_s": m.min_delay_s,
+                    "max_delay_s": m.max_delay_s,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i, m in enumerate(messages[start : start + INSERT_BATCH])
+            ]
+            async with self._engine.begin() as conn:
+                stmt = (
+                    insert_for(conn, outbox)
+                    .on_conflict_do_nothing(index_elements=[outbox.c.source_key])
+                    .returning(outbox.c.id)
+                )
+                # executemany: SQLAlchemy sends it as batched multi-row INSERTs without compiling one per size.
+                created += len((await conn.execute(stmt, rows)).all())
+        return created
+
+    async def claim(self, device_id: UUID, now: datetime, limit: int) -> list[OutboxItem]:
+        """Mark up to `limit` due rows of a device `sending` and return them, oldest first.
+
+        Rows of paused or cancelled campaigns wait; so do rows to recipients who opted out (the dispatcher
+        cancels those when it meets them, see `cancel_opted_out`)."""
+        held = select(campaigns.c.id).where(
+            campaigns.c.status.in_([CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value])
+        )
+        due = (
+            select(outbox.c.id)
+            .where(
+                outbox.c.device_id == device_id,
+                outbox.c.status == OutboxStatus.QUEUED.value,
+                outbox.c.scheduled_at <= now,
+                (outbox.c.source_id.is_(None)) | (outbox.c.source_id.not_in(held)),
+            )
+            .order_by(outbox.c.scheduled_at, outbox.c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        stmt = (
+            update(outbox)
+            .where(outbox.c.id.in_(due))
+            .values(status=OutboxStatus.SENDING.value, attempts=outbox.c.attempts + 1, claimed_at=now, updated_at=now)
+            .returning(*outbox.c)
+        )
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        items = [item_from_row(r) for r in rows]
+        return sorted(items, key=lambda item: (item.scheduled_at, item.seq))
+
+    async def next_due(self, device_id: UUID) -> datetime | None:
+        """When the device's earliest queued message is due (None: nothing queued)."""
+        query = select(func.min(outbox.c.scheduled_at)).where(
+            outbox.c.device_id == device_id, outbox.c.status == OutboxStatus.QUEUED.value
+        )
+        async with self._engine.connect() as conn:
+            value: datetime | None = (await conn.execute(query)).scalar_one()
+        return value
+
+    async def in_flight(self, device_id: UUID) -> list[OutboxItem]:
+        """Rows left `sending` (a crash between claim and result): they are sent again with the same id."""
+        query = (
+            select(outbox)
+            .where(outbox.c.device_id == device_id, outbox.c.status == OutboxStatus.SENDING.value)
+            .order_by(outbox.c.scheduled_at, outbox.c.seq)
+        )
+        async with self._engine.connect() as conn:
+            return [item_from_row(r) for r in (await conn.execute(query)).mappings()]
+
+    async def mark_sent(self, sent: Sequence[Sent]) -> None:
+        if not sent:
+            return
+        stmt = (
+            update(outbox)
+            .where(outbox.c.id == bindparam("b_id"), outbox.c.status == OutboxStatus.SENDING.value)
+            .values(
+                status=OutboxStatus.SENT.value,
+                sent_at=bindparam("b_sent"),
+                server_ts=bindparam("b_ts"),
+                updated_at=bindparam("b_sent"),
+                last_error=None,
+            )
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
+
+    async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None:
+        await self._set(item_id, now, status=OutboxStatus.FAILED.value, last_error=error)
+
+    async def mark_cancelled(self, item_id: UUID, reason: str, now: datetime) -> None:
+        await self._set(item_id, now, status=OutboxStatus.CANCELLED.value, last_error=reason)
+
+    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None:
+        await self._set(item_id, now, status=OutboxStatus.QUEUED.value, scheduled_at=at, last_error=error)
+
+    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None:
+        """Back to `queued` without counting the attempt (the device went away before sending)."""
+        ids = list(item_ids)
+        if not ids:
+            return
+        stmt = (
+            update(outbox)
+            .where(outbox.c.id.in_(ids), outbox.c.status == OutboxStatus.SENDING.value)
+            .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts - 1, updated_at=now)
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def _set(self, item_id: UUID, now: datetime, **values: Any) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(update(outbox).where(outbox.c.id == item_id).values(updated_at=now, **values))
+
+    async def sent_since(self, device_id: UUID, since: datetime) -> list[datetime]:
+        query = select(outbox.c.sent_at).where(outbox.c.device_id == device_id, outbox.c.sent_at > since)
+        async with self._engine.connect() as conn:
+            return [t for t in (await conn.execute(query)).scalars() if t is not None]
+
+    async def opted_out_phones(self) -> set[str]:
+        """Every phone that opted out (a short list next to the leads: kept in memory by the dispatchers)."""
+        query = select(leads.c.phone).where(leads.c.opted_out_at.is_not(None)).distinct()
+        async with self._engine.connect() as conn:
+            return set((await conn.execute(query)).scalars())
+
+    async def cancel_for_recipient(self, recipient: str, reason: str, now: datetime) -> int:
+        """Cancel every message still waiting for `recipient` (they opted out)."""
+        stmt = (
+            update(outbox)
+            .where(outbox.c.recipient == recipient, outbox.c.status == OutboxStatus.QUEUED.value)
+            .values(status=OutboxStatus.CANCELLED.value, last_error=reason, updated_at=now)
+        )
+        async with self._engine.begin() as conn:
+            return int((await conn.execute(stmt)).rowcount or 0)
+
+    async def cancel_source(self, source_id: UUID, reason: str, now: datetime) -> int:
+        stmt = (
+            update(outbox)
+            .where(outbox.c.source_id == source_id, outbox.c.status == OutboxStatus.QUEUED.value)
+            .values(status=OutboxStatus.CANCELLED.value, last_error=reason, updated_at=now)
+        )
+        async with self._engine.begin() as conn:
+            return int((await conn.execute(stmt)).rowcount or 0)
+
+    async def retry_failed(self, source_id: UUID, device_id: UUID | None, now: datetime) -> int:
+        """Failed messages of a source back to the queue (same message ids), due now."""
+        stmt = update(outbox).where(outbox.c.source_id == source_id, outbox.c.status == OutboxStatus.FAILED.value)
+        if device_id is not None:
+            stmt = stmt.where(outbox.c.device_id == device_id)
+        stmt = stmt.values(status=OutboxStatus.QUEUED.value, attempts=0, scheduled_at=now, updated_at=now)
+        async with self._engine.begin() as conn:
+            return int((await conn.execute(stmt)).rowcount or 0)
+
+    async def devices_with_due(self, now: datetime) -> list[UUID]:
+        query = (
+            select(outbox.c.device_id)
+            .where(outbox.c.status == OutboxStatus.QUEUED.value, outbox.c.scheduled_at <= now)
+            .distinct()
+        )
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    # --- reports (the only source of every number shown for sending) --------------------------------------
+
+    async def tally(self, source_id: UUID) -> Tally:
+        query = select(*tally_columns()).where(outbox.c.source_id == source_id)
+        async with self._engine.connect() as conn:
+            return tally_from((await conn.execute(query)).one())
+
+    async def tally_many(self, source_ids: Sequence[UUID]) -> dict[UUID, Tally]:
+        if not source_ids:
+            return {}
+        query = (
+            select(outbox.c.source_id, *tally_columns())
+            .where(outbox.c.source_id.in_(list(source_ids)))
+            .group_by(outbox.c.source_id)
+        )
+        async with self._engine.connect() as conn:
+            found = {row.source_id: tally_from(row) for row in await conn.execute(query)}
+        return {sid: found.get(sid, Tally(0, 0, 0, 0)) for sid in source_ids}
+
+    async def tally_by_device(self, source_id: UUID) -> list[tuple[UUID, str, str | None, Tally]]:
+        query = (
+            select(outbox.c.device_id, devices.c.name, devices.c.jid, *tally_columns())
+            .join(devices, devices.c.id == outbox.c.device_id)
+            .where(outbox.c.source_id == source_id)
+            .group_by(outbox.c.device_id, devices.c.name, devices.c.jid)
+            .order_by(devices.c.name)
+        )
+        async with self._engine.connect() as conn:
+            return [(r.device_id, r.name, r.jid, tally_from(r)) for r in await conn.execute(query)]
+
+    async def recipients(
+        self,
+        source_id: UUID,
+        *,
+        status: OutboxStatus | None,
+        device_id: UUID | None,
+        limit: int,
+        after: tuple[datetime, UUID] | None,
+    ) -> list[dict[str, Any]]:
+        query = (
+            select(
+                outbox.c.id,
+                outbox.c.device_id,
+                outbox.c.lead_id,
+                outbox.c.recipient,
+                leads.c.name.label("lead_name"),
+                outbox.c.status,
+                outbox.c.attempts,
+                outbox.c.last_error,
+                outbox.c.wa_message_id,
+                outbox.c.scheduled_at,
+                outbox.c.sent_at,
+                outbox.c.created_at,
+            )
+            .outerjoin(leads, leads.c.id == outbox.c.lead_id)
+            .where(outbox.c.source_id == source_id)
+            .order_by(outbox.c.created_at, outbox.c.id)
+            .limit(limit)
+        )
+        if status is not None:
+            query = query.where(outbox.c.status == status.value)
+        if device_id is not None:
+            query = query.where(outbox.c.device_id == device_id)
+        if after is not None:
+            at, last = after
+            query = query.where((outbox.c.created_at > at) | ((outbox.c.created_at == at) & (outbox.c.id > last)))
+        async with self._engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def queue_overview(self, device_ids: Sequence[UUID] | None, now: datetime) -> dict[UUID, dict[str, Any]]:
+        """Per device: queued, sending, sent in the last hour, and when the next queued message is due."""
+        status = outbox.c.status
+        query = (
+            select(
+                outbox.c.device_id,
+                func.sum(case((status == OutboxStatus.QUEUED.value, 1), else_=0)).label("queued"),
+                func.sum(case((status == OutboxStatus.SENDING.value, 1), else_=0)).label("sending"),
+                func.sum(case((outbox.c.sent_at > now - timedelta(hours=1), 1), else_=0)).label("sent_last_hour"),
+                func.min(case((status == OutboxStatus.QUEUED.value, outbox.c.scheduled_at), else_=None)).label(
+                    "next_due"
+                ),
+            )
+            .where(
+                status.in_([OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value])
+                | (outbox.c.sent_at > now - timedelta(hours=1))
+            )
+            .group_by(outbox.c.device_id)
+        )
+        if device_ids is not None:
+            query = query.where(outbox.c.device_id.in_(list(device_ids)))
+        async with self._engine.connect() as conn:
+            return {
+                r.device_id: {
+                    "queued": int(r.queued or 0),
+                    "sending": int(r.sending or 0),
+                    "sent_last_hour": int(r.sent_last_hour or 0),
+                    "next_due": r.next_due,
+                }
+                for r in await conn.execute(query)
+            }

@@ -1,0 +1,409 @@
+"""The dispatcher: sends the outbox rows of the devices this worker runs, one lane per online device.
+
+A lane is the only sender of its device, so it keeps the device's send history in memory for the pacing rules.
+It re-sends first whatever the device left in `sending` (a crash between claim and result) with the same
+message ids, then claims due rows as pacing allows: one at a time when there is a gap between sends, in batches
+when pacing is off. Every attempt ends as `sent`, `failed` (with the reason), back in the queue for a later try
+(transient errors, with backoff), or `cancelled` (opted out, vetoed by a plugin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+from wamd_server.domain.errors import NotConnected, TransportError
+from wamd_server.domain.ids import user_jid
+from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboundMessage, OutboxItem, SendResult
+from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
+from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at
+from wamd_server.services.queue import QueueControl
+
+log = logging.getLogger(__name__)
+
+EVERYTHING = DeviceScope.everything()
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    batch: int = 100  # rows claimed at once when pacing is off
+    idle_poll_s: float = 60.0  # an idle lane looks again this often at most (new messages wake it at once)
+    max_attempts: int = 5  # transient failures before a message fails for good
+    retry_delays_s: tuple[float, ...] = (30.0, 120.0, 600.0, 1800.0)
+    failures_to_pause: int = 5  # consecutive failed sends that pause the device's queue
+    send_timeout_s: float = 30.0  # no server ack after this long: the device is suspect
+    typing_chars_per_s: float = 15.0  # how long "typing…" shows: the text's length at this speed…
+    typing_max_s: float = 6.0  # …but never longer than this, nor than the gap before the send
+
+
+class OutboxStore(Protocol):
+    async def claim(self, device_id: UUID, now: datetime, limit: int) -> list[OutboxItem]: ...
+
+    async def in_flight(self, device_id: UUID) -> list[OutboxItem]: ...
+
+    async def next_due(self, device_id: UUID) -> datetime | None: ...
+
+    async def mark_sent(self, sent: list[Sent]) -> None: ...
+
+    async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None: ...
+
+    async def mark_cancelled(self, item_id: UUID, reason: str, now: datetime) -> None: ...
+
+    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None: ...
+
+    async def release(self, item_ids: Any, now: datetime) -> None: ...
+
+    async def sent_since(self, device_id: UUID, since: datetime) -> list[datetime]: ...
+
+    async def opted_out_phones(self) -> set[str]: ...
+
+
+class SentLog(Protocol):
+    """Where sent messages join the device's chat history."""
+
+    async def store_sent(self, device_id: UUID, messages: list[InboundMessage]) -> None: ...
+
+
+MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]
+Veto = Callable[[OutboxItem], Awaitable[str | None]]
+Suspect = Callable[[UUID], Awaitable[None]]
+
+
+@dataclass
+class SendOutcome:
+    sent: Sent | None = None
+    stop: bool = False  # the lane must stop (device gone)
+    failed: bool = False
+
+
+class OptedOut:
+    """Phones that opted out, kept in memory: checked before every send without a query. Reloaded now and then;
+    a new opt-out is added at once (`add`, from the bus) wherever it happened."""
+
+    def __init__(self, outbox: OutboxStore, max_age_s: float = 30.0) -> None:
+        self._outbox = outbox
+        self._max_age_s = max_age_s
+        self._phones: set[str] = set()
+        self._loaded_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def phones(self) -> set[str]:
+        if time.monotonic() - self._loaded_at > self._max_age_s:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at > self._max_age_s:
+                    started = time.monotonic()
+                    self._phones |= await self._outbox.opted_out_phones()
+                    self._loaded_at = started
+        return self._phones
+
+    def add(self, phone: str) -> None:
+        self._phones.add(phone)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        outbox: OutboxStore,
+        devices: DeviceRepository,
+        transport: Transport,
+        sent_log: SentLog,
+        clock: Clock,
+        tz: ZoneInfo,
+        veto: Veto,
+        suspect: Suspect,
+        load_media: MediaLoader,
+        queue: QueueControl,
+        settings: DispatchSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.devices = devices
+        self.transport = transport
+        self.sent_log = sent_log
+        self.clock = clock
+        self.tz = tz
+        self.veto = veto
+        self.suspect = suspect
+        self.load_media = load_media
+        self.settings = settings or DispatchSettings()
+        self.queue = queue
+        self.opted_out = OptedOut(outbox)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.rng = rng or random.Random()
+        self.lanes: dict[UUID, Lane] = {}
+
+    def device_status(self, device_id: UUID, status: DeviceStatus) -> None:
+        """Pool listener: a lane runs exactly while its device is online; bans and logouts pause the queue
+        (within the same event), and being online again lifts those pauses."""
+        if status is DeviceStatus.ONLINE:
+            self._spawn(self._online(device_id))
+            return
+        self.stop(device_id)
+        if status is DeviceStatus.BANNED:
+            self._spawn(self.queue.pause(device_id, "ban", "the device is temporarily banned by WhatsApp"))
+        elif status is DeviceStatus.LOGGED_OUT:
+            self._spawn(self.queue.pause(device_id, "logout", "the device was logged out; pair it again"))
+
+    async def _online(self, device_id: UUID) -> None:
+        await self.queue.lift_if_self_lifting(device_id)
+        self.start(device_id)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start(self, device_id: UUID) -> None:
+        lane = self.lanes.get(device_id)
+        if lane is not None and not lane.done:
+            lane.wake.set()
+            return
+        lane = self.lanes[device_id] = Lane(self, device_id)
+        lane.start()
+
+    def stop(self, device_id: UUID) -> None:
+        lane = self.lanes.pop(device_id, None)
+        if lane is not None:
+            lane.cancel()
+
+    def wake(self, device_ids: Any = None) -> None:
+        """New rows were queued (or a queue was resumed): lanes look now instead of at their next poll."""
+        targets = self.lanes.values() if device_ids is None else [self.lanes[d] for d in device_ids if d in self.lanes]
+        for lane in targets:
+            lane.wake.set()
+
+    async def close(self) -> None:
+        lanes, self.lanes = list(self.lanes.values()), {}
+        for lane in lanes:
+            lane.cancel()
+        await asyncio.gather(*(lane.wait_closed() for lane in lanes), *self._tasks, return_exceptions=True)
+
+
+class Lane:
+    def __init__(self, dispatcher: Dispatcher, device_id: UUID) -> None:
+        self.d = dispatcher
+        self.device_id = device_id
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.history = SendHistory()
+        self.failures = 0
+        self.claimed: list[OutboxItem] = []  # rows marked `sending` and not yet settled
+
+    @property
+    def done(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"lane-{self.device_id}")
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def wait_closed(self) -> None:
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def run(self) -> None:
+        d = self.d
+        try:
+            now = d.clock.now()
+            self.history = SendHistory(await d.outbox.sent_since(self.device_id, now - timedelta(days=2)))
+            recovered = await d.outbox.in_flight(self.device_id)
+            if recovered:
+                log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
+            while True:
+                device = await d.devices.get(self.device_id, EVERYTHING)
+                if device is None or device.status is not DeviceStatus.ONLINE:
+                    return
+                if device.queue_paused_reason:
+                    await self._idle(d.settings.idle_poll_s)
+                    continue
+                rules = PacingRules.for_device(device, d.tz)
+                # Caps and quiet hours do not depend on the message: wait them out before claiming anything.
+                if not recovered and not await self._paced(rules, 0.0):
+                    continue
+                paced = rules.max_delay_s > 0 or device.typing
+                batch = recovered or await d.outbox.claim(
+                    self.device_id, d.clock.now(), 1 if paced else d.settings.batch
+                )
+                recovered = []
+                if not batch:
+                    await self._idle(await self._idle_time())
+                    continue
+                if not await self._send_batch(device, rules, batch):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("device %s: dispatcher lane failed", self.device_id)
+        finally:
+            await self._settle_on_exit()
+
+    async def _paced(self, rules: PacingRules, gap_s: float) -> bool:
+        """Wait until pacing allows the next send; False when woken early (look again)."""
+        now = self.d.clock.now()
+        at = next_send_at(rules, self.history, now, gap_s)
+        if at <= now:
+            return True
+        self.wake.clear()
+        woken = await self.d.clock.wait(self.wake, (at - now).total_seconds())
+        return not woken and self.d.clock.now() >= at
+
+    async def _idle_time(self) -> float:
+        """Until the next queued message is due (a retry, a scheduled send), at most the idle poll."""
+        due = await self.d.outbox.next_due(self.device_id)
+        poll = self.d.settings.idle_poll_s
+        if due is None:
+            return poll
+        return min(poll, max((due - self.d.clock.now()).total_seconds(), 0.05))
+
+    async def _idle(self, seconds: float) -> None:
+        self.wake.clear()
+        await self.d.clock.wait(self.wake, seconds)
+
+    async def _send_batch(self, device: Device, rules: PacingRules, batch: list[OutboxItem]) -> bool:
+        """Send claimed rows in order, each after its gap; False when the lane must stop."""
+        d = self.d
+        self.claimed = list(batch)
+        sent: list[Sent] = []
+        try:
+            opted_out = await d.opted_out.phones()
+            for item in batch:
+                # Checks and loading come before the gap, so the send follows the gap at once.
+                message = await self._prepare(item, item.recipient in opted_out)
+                if message is None:
+                    self.claimed.remove(item)
+                    continue
+                # The gap is the campaign's own min..max for its messages, else the device's; "typing…" is
+                # shown during the end of the gap, so typing never stretches it.
+                gap = rules.gap(d.rng, item.min_delay_s, item.max_delay_s)
+                wait = (next_send_at(rules, self.history, d.clock.now(), gap) - d.clock.now()).total_seconds()
+                if wait > max(gap, 0.0) + 1.0:
+                    break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
+                typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
+                if wait - typing_s > 0:
+                    await d.clock.sleep(wait - typing_s)
+                if device.typing:
+                    await self._show_typing(item, typing_s)
+                outcome = await self._send(item, message)
+                self.claimed.remove(item)
+                if outcome.sent is not None:
+                    sent.append(outcome.sent)
+                if outcome.stop:
+                    return False
+        finally:
+            await asyncio.shield(self._record(batch, sent))
+        await self._settle_on_exit()
+        return True
+
+    async def _record(self, batch: list[OutboxItem], sent: list[Sent]) -> None:
+        await self.d.outbox.mark_sent(sent)
+        pairs = self._pairs(batch, sent)
+        if pairs:
+            await self.d.sent_log.store_sent(self.device_id, [self._as_message(item, s) for item, s in pairs])
+
+    @staticmethod
+    def _pairs(batch: list[OutboxItem], sent: list[Sent]) -> list[tuple[OutboxItem, Sent]]:
+        by_id = {item.id: item for item in batch}
+        return [(by_id[s.id], s) for s in sent if s.id in by_id]
+
+    def _as_message(self, item: OutboxItem, sent: Sent) -> InboundMessage:
+        return InboundMessage(
+            wa_id=item.wa_message_id,
+            chat_jid=user_jid(item.recipient),
+            sender_jid="",
+            sender_phone=None,
+            from_me=True,
+            is_group=False,
+            text=item.text,
+            timestamp=sent.server_ts,
+            media_type="image" if item.media_id else None,
+        )
+
+    async def _prepare(self, item: OutboxItem, opted_out: bool) -> OutboundMessage | None:
+        """The message to send, or None when the row was settled instead (opted out, vetoed, image gone)."""
+        d = self.d
+        now = d.clock.now()
+        if opted_out:
+            await d.outbox.mark_cancelled(item.id, "the recipient opted out", now)
+            return None
+        reason = await d.veto(item)
+        if reason:
+            await d.outbox.mark_cancelled(item.id, f"vetoed by a plugin: {reason}", now)
+            return None
+        message = OutboundMessage(wa_id=item.wa_message_id, to=item.recipient, text=item.text)
+        if item.media_id is not None:
+            media = await d.load_media(item.media_id)
+            if media is None:
+                await d.outbox.mark_failed(item.id, "the image of this message was deleted", now)
+                return None
+            message.image, message.image_mime = media
+        return message
+
+    async def _send(self, item: OutboxItem, message: OutboundMessage) -> SendOutcome:
+        d = self.d
+        try:
+            result: SendResult = await asyncio.wait_for(
+                d.transport.send(self.device_id, message), d.settings.send_timeout_s
+            )
+        except TimeoutError:
+            # No ack: keep the message (same id) for the next attempt and have the device checked.
+            await d.outbox.release([item.id], d.clock.now())
+            await d.suspect(self.device_id)
+            return SendOutcome(stop=True)
+        except NotConnected:
+            await d.outbox.release([item.id], d.clock.now())
+            return SendOutcome(stop=True)
+        except TransportError as exc:
+            await self._failed(item, exc)
+            return SendOutcome(failed=True)
+        self.failures = 0
+        sent_at = d.clock.now()
+        self.history.add(sent_at)
+        return SendOutcome(sent=Sent(item.id, sent_at, result.server_timestamp))
+
+    def _typing_time(self, item: OutboxItem, room_s: float) -> float:
+        s = self.d.settings
+        return min(len(item.text) / s.typing_chars_per_s, s.typing_max_s, room_s)
+
+    async def _show_typing(self, item: OutboxItem, seconds: float) -> None:
+        with contextlib.suppress(TransportError):
+            await self.d.transport.set_typing(self.device_id, user_jid(item.recipient), True)
+            await self.d.clock.sleep(seconds)
+
+    async def _failed(self, item: OutboxItem, exc: TransportError) -> None:
+        d = self.d
+        now = d.clock.now()
+        self.failures += 1
+        if not exc.retryable:
+            await d.outbox.mark_failed(item.id, exc.message, now)
+        elif item.attempts >= d.settings.max_attempts:
+            await d.outbox.mark_failed(item.id, f"gave up after {item.attempts} attempts: {exc.message}", now)
+        else:
+            delays = d.settings.retry_delays_s
+            at = now + timedelta(seconds=delays[min(item.attempts - 1, len(delays) - 1)])
+            await d.outbox.retry_later(item.id, at, exc.message, now)
+        if self.failures >= d.settings.failures_to_pause:
+            await d.queue.pause(
+                self.device_id, "failures", f"{self.failures} sends in a row failed; last: {exc.message}"
+            )
+
+    async def _settle_on_exit(self) -> None:
+        """Rows claimed but not attempted go back to the queue (same ids, attempt not counted)."""
+        if self.claimed:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.d.outbox.release([i.id for i in self.claimed], self.d.clock.now()))
+            self.claimed = []

@@ -1,0 +1,149 @@
+"""Pacing rules of one device: when may it send next?
+
+A device sends like a person: a random gap between messages (min..max seconds), at most `hourly_cap` messages in
+any rolling hour and `daily_cap` per local day (ramped up over `warmup_days` after the device was linked), and
+nothing during its quiet hours. Days and quiet hours are computed in the configured time zone; storage and
+arithmetic stay in UTC.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from wamd_server.domain.errors import InvalidInput
+from wamd_server.domain.models import Device
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+def parse_clock_time(value: str, field: str) -> time:
+    """'22:00' → time(22, 0); a clear error otherwise."""
+    try:
+        hours, minutes = value.split(":")
+        return time(int(hours), int(minutes))
+    except ValueError:
+        raise InvalidInput(f"{field} must be a time of day like 22:00, got {value!r}", {"field": field}) from None
+
+
+@dataclass(frozen=True)
+class PacingRules:
+    min_delay_s: float
+    max_delay_s: float
+    hourly_cap: int
+    daily_cap: int
+    tz: ZoneInfo
+    quiet_start: time | None = None
+    quiet_end: time | None = None
+    warmup_days: int = 0
+    linked_at: datetime | None = None
+
+    @staticmethod
+    def for_device(device: Device, tz: ZoneInfo) -> PacingRules:
+        quiet = device.quiet_start and device.quiet_end
+        return PacingRules(
+            min_delay_s=device.min_delay_s,
+            max_delay_s=device.max_delay_s,
+            hourly_cap=device.hourly_cap,
+            daily_cap=device.daily_cap,
+            tz=tz,
+            quiet_start=parse_clock_time(device.quiet_start, "quiet_start") if quiet and device.quiet_start else None,
+            quiet_end=parse_clock_time(device.quiet_end, "quiet_end") if quiet and device.quiet_end else None,
+            warmup_days=device.warmup_days,
+            linked_at=device.linked_at,
+        )
+
+    def gap(self, rng: random.Random, min_s: float | None = None, max_s: float | None = None) -> float:
+        """The pause before the next send: a campaign's own min..max when it has one, else the device's."""
+        low = self.min_delay_s if min_s is None else min_s
+        high = self.max_delay_s if max_s is None else max_s
+        low, high = min(low, high), max(low, high)
+        return rng.uniform(low, high) if high > low else low
+
+    def daily_cap_on(self, when: datetime) -> int:
+        """Today's cap: during warm-up it grows linearly from 1/warmup_days of the cap to the full cap."""
+        if self.warmup_days <= 0 or self.linked_at is None:
+            return self.daily_cap
+        day = (when.astimezone(self.tz).date() - self.linked_at.astimezone(self.tz).date()).days
+        share = min(1.0, max(day + 1, 1) / self.warmup_days)
+        return max(1, math.floor(self.daily_cap * share))
+
+    def quiet_until(self, when: datetime) -> datetime | None:
+        """If `when` falls in the quiet hours, the moment they end; else None."""
+        if self.quiet_start is None or self.quiet_end is None or self.quiet_start == self.quiet_end:
+            return None
+        local = when.astimezone(self.tz)
+        now_t = local.time()
+        start, end = self.quiet_start, self.quiet_end
+        if start < end:
+            quiet, end_day = start <= now_t < end, local.date()
+        else:  # crosses midnight, e.g. 22:00-08:00
+            quiet = now_t >= start or now_t < end
+            end_day = local.date() + timedelta(days=1) if now_t >= start else local.date()
+        if not quiet:
+            return None
+        return datetime.combine(end_day, end, tzinfo=self.tz).astimezone(when.tzinfo)
+
+    def next_local_midnight(self, when: datetime) -> datetime:
+        local = when.astimezone(self.tz)
+        return datetime.combine(local.date() + timedelta(days=1), time(0), tzinfo=self.tz).astimezone(when.tzinfo)
+
+    def local_midnight(self, when: datetime) -> datetime:
+        local = when.astimezone(self.tz)
+        return datetime.combine(local.date(), time(0), tzinfo=self.tz).astimezone(when.tzinfo)
+
+
+class SendHistory:
+    """When one device sent, over the last day. The device's dispatcher lane is its only sender, so the history
+    it loaded at start and extends after each send is complete."""
+
+    def __init__(self, times: Iterable[datetime] = ()) -> None:
+        self.times: list[datetime] = sorted(times)
+
+    def add(self, when: datetime) -> None:
+        bisect.insort(self.times, when)
+        cutoff = when - 2 * DAY
+        if self.times and self.times[0] < cutoff:
+            del self.times[: bisect.bisect_left(self.times, cutoff)]
+
+    @property
+    def last(self) -> datetime | None:
+        return self.times[-1] if self.times else None
+
+    def count_between(self, start: datetime, end: datetime) -> int:
+        """Sends in (start, end]."""
+        return bisect.bisect_right(self.times, end) - bisect.bisect_right(self.times, start)
+
+    def nth_latest_before(self, end: datetime, n: int) -> datetime:
+        """The n-th most recent send at or before `end` (n ≥ 1)."""
+        return self.times[bisect.bisect_right(self.times, end) - n]
+
+
+def next_send_at(rules: PacingRules, history: SendHistory, now: datetime, gap_s: float) -> datetime:
+    """The earliest moment ≥ now at which the device may send again, `gap_s` after its last send."""
+    at = now
+    if history.last is not None:
+        at = max(at, history.last + timedelta(seconds=gap_s))
+    for _ in range(16):  # each rule may push `at` later; a few rounds settle it
+        moved = False
+        if rules.hourly_cap > 0 and history.count_between(at - HOUR, at) >= rules.hourly_cap:
+            # Wait until the oldest send that counts towards the cap leaves the rolling hour.
+            at = history.nth_latest_before(at, rules.hourly_cap) + HOUR + timedelta(microseconds=1)
+            moved = True
+        day_start = rules.local_midnight(at)
+        if history.count_between(day_start - timedelta(microseconds=1), at) >= rules.daily_cap_on(at):
+            at = rules.next_local_midnight(at)
+            moved = True
+        quiet_end = rules.quiet_until(at)
+        if quiet_end is not None:
+            at = quiet_end
+            moved = True
+        if not moved:
+            return at
+    return at

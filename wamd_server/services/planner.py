@@ -1,0 +1,247 @@
+"""The campaign planner (one leader at a time): launches due campaigns into the outbox and follows them.
+
+Launching asks the campaign's type (a plugin) to plan it through a `PlanContext`; every message is inserted with
+the source key `campaign:<campaign>:<lead>`, so launching again after a crash adds only what is missing. While a
+campaign runs, the planner publishes its progress (counted from the outbox) and completes it when nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from wamd_server.domain.models import Campaign, CampaignStatus, Device, DeviceStatus, Lead, SourceKind
+from wamd_server.domain.ports import BusEvent, Clock, EventBus
+from wamd_server.plugin_api.manager import PluginHost
+from wamd_server.plugin_api.types import CampaignTypeSpec
+from wamd_server.protocol import events as ev
+
+log = logging.getLogger(__name__)
+
+LEAD_PAGE = 1000
+# Devices that may take a lead without an owner: linked and not in trouble.
+DISTRIBUTABLE = frozenset({DeviceStatus.ONLINE, DeviceStatus.CONNECTING, DeviceStatus.OFFLINE})
+
+
+@dataclass(frozen=True)
+class Planned:
+    lead: Lead
+    device_id: UUID
+    text: str
+
+
+class CampaignStore(Protocol):
+    async def with_status(
+        self, statuses: Sequence[CampaignStatus], due_by: datetime | None = None
+    ) -> list[Campaign]: ...
+
+    async def transition(
+        self, campaign_id: UUID, from_statuses: Sequence[CampaignStatus], now: datetime, **values: Any
+    ) -> bool: ...
+
+    async def target_leads(self, campaign: Campaign, limit: int, after: UUID | None) -> list[Lead]: ...
+
+
+class OutboxWriter(Protocol):
+    async def enqueue(self, messages: Sequence[Any], now: datetime) -> int: ...
+
+    async def tally_many(self, source_ids: Sequence[UUID]) -> dict[UUID, Any]: ...
+
+
+Render = Callable[[str, Lead, datetime, random.Random, str], str]  # template, lead, at, rng, language
+DevicesOf = Callable[[Campaign], Awaitable[list[Device]]]
+NewMessageFactory = Callable[..., Any]
+
+
+class PlanContext:
+    """What a campaign type's `plan` may use."""
+
+    def __init__(self, planner: CampaignPlanner, campaign: Campaign) -> None:
+        self._planner = planner
+        self.campaign = campaign
+        self.queued_devices: set[UUID] = set()
+
+    async def leads(self, after: UUID | None, limit: int = LEAD_PAGE) -> list[Lead]:
+        """The next page of target leads (matching niche, target status and devices; never opted out)."""
+        return await self._planner.campaigns.target_leads(self.campaign, limit, after)
+
+    async def devices(self) -> list[Device]:
+        """Devices the campaign may send from: its `device_ids`, else every device its owner may use."""
+        return await self._planner.devices_of(self.campaign)
+
+    async def distribute(self, leads: list[Lead], devices: list[Device]) -> dict[UUID, UUID]:
+        """Give leads without an owner device a sender: a `wamd_distribute_leads` plugin decides, else round
+        robin over the devices that can take them (never banned, logged out or paused)."""
+        usable = [d for d in devices if d.status in DISTRIBUTABLE and not d.queue_paused_reason]
+        if not leads or not usable:
+            return {}
+        decided = await self._planner.plugins.call_first(
+            "wamd_distribute_leads", campaign=self.campaign, leads=leads, devices=usable
+        )
+        if isinstance(decided, dict):
+            allowed = {d.id for d in usable}
+            return {lead: device for lead, device in decided.items() if device in allowed}
+        return {lead.id: usable[(i + self._planner.rr_offset) % len(usable)].id for i, lead in enumerate(leads)}
+
+    def planned(self, lead: Lead, device_id: UUID) -> Planned:
+        return Planned(lead, device_id, self.render(lead))
+
+    def render(self, lead: Lead) -> str:
+        c = self.campaign
+        rng = random.Random(f"{c.id}:{lead.id}")  # the same lead always gets the same rendering
+        return self._planner.render(c.message, lead, c.scheduled_at, rng, str(c.options.get("language", "ms")))
+
+    async def enqueue(self, planned: Sequence[Planned]) -> int:
+        c = self.campaign
+        messages = [
+            self._planner.new_message(
+                device_id=p.device_id,
+                recipient=p.lead.phone,
+                text=p.text,
+                source_kind=SourceKind.CAMPAIGN,
+                source_key=f"campaign:{c.id}:{p.lead.id}",
+                scheduled_at=c.scheduled_at,
+                user_id=c.user_id,
+                lead_id=p.lead.id,
+                media_id=c.image_media_id,
+                source_id=c.id,
+                min_delay_s=c.min_delay_s,
+                max_delay_s=c.max_delay_s,
+            )
+            for p in planned
+        ]
+        self.queued_devices.update(p.device_id for p in planned)
+        return await self._planner.outbox.enqueue(messages, self._planner.clock.now())
+
+
+class CampaignPlanner:
+    def __init__(
+        self,
+        *,
+        campaigns: CampaignStore,
+        outbox: OutboxWriter,
+        devices_of: DevicesOf,
+        plugins: PluginHost,
+        bus: EventBus,
+        clock: Clock,
+        render: Render,
+        new_message: NewMessageFactory,
+        types: Callable[[], Awaitable[dict[str, CampaignTypeSpec]]],
+    ) -> None:
+        self.campaigns = campaigns
+        self.outbox = outbox
+        self.devices_of = devices_of
+        self.plugins = plugins
+        self.bus = bus
+        self.clock = clock
+        self.render = render
+        self.new_message = new_message
+        self.types = types
+        self.rr_offset = 0
+        self._last_progress: dict[UUID, tuple[int, int, int, int]] = {}
+
+    async def tick(self) -> None:
+        now = self.clock.now()
+        for campaign in await self.campaigns.with_status([CampaignStatus.SCHEDULED], due_by=now):
+            try:
+                await self.launch(campaign)
+            except Exception:
+                log.exception("campaign %s: launch failed; trying again next round", campaign.id)
+        await self.follow()
+
+    async def launch(self, campaign: Campaign) -> int:
+        spec = (await self.types()).get(campaign.type)
+        if spec is None or spec.plan is None:
+            await self.campaigns.transition(
+                campaign.id,
+                [CampaignStatus.SCHEDULED],
+                self.clock.now(),
+                status=CampaignStatus.CANCELLED,
+                status_reason=f"no plugin provides the campaign type {campaign.type!r}",
+            )
+            return 0
+        ctx = PlanContext(self, campaign)
+        queued = await spec.plan(campaign, ctx)
+        self.rr_offset += 1
+        started = await self.campaigns.transition(
+            campaign.id,
+            [CampaignStatus.SCHEDULED],
+            self.clock.now(),
+            status=CampaignStatus.RUNNING,
+            started_at=self.clock.now(),
+        )
+        if ctx.queued_devices:
+            await self.bus.publish(
+                BusEvent(ev.OUTBOX_QUEUED, {"device_ids": sorted(str(d) for d in ctx.queued_devices)})
+            )
+        log.info("campaign %s: %d messages queued%s", campaign.id, queued, "" if started else " (state changed)")
+        return int(queued)
+
+    async def follow(self) -> None:
+        running = await self.campaigns.with_status([CampaignStatus.RUNNING, CampaignStatus.PAUSED])
+        tallies = await self.outbox.tally_many([c.id for c in running])
+        for campaign in running:
+            tally = tallies[campaign.id]
+            numbers = (tally.should_send, tally.done_send, tally.failed_send, tally.remaining_send)
+            finished = campaign.status is CampaignStatus.RUNNING and tally.remaining_send == 0
+            if finished:
+                await self.campaigns.transition(
+                    campaign.id,
+                    [CampaignStatus.RUNNING],
+                    self.clock.now(),
+                    status=CampaignStatus.COMPLETED,
+                    finished_at=self.clock.now(),
+                )
+            if self._last_progress.get(campaign.id) != numbers or finished:
+                self._last_progress[campaign.id] = numbers
+                await self.publish_progress(campaign, tally, "completed" if finished else campaign.status.value)
+
+    async def publish_progress(self, campaign: Campaign, tally: Any, status: str) -> None:
+        payload = ev.CampaignProgressEvent(
+            campaign_id=str(campaign.id),
+            status=status,
+            should_send=tally.should_send,
+            done_send=tally.done_send,
+            failed_send=tally.failed_send,
+            remaining_send=tally.remaining_send,
+        )
+        await self.bus.publish(
+            BusEvent(ev.CAMPAIGN_PROGRESS, payload.model_dump(mode="json"), user_id=campaign.user_id)
+        )
+
+
+class PlannerLoop:
+    """Runs the planner every `interval_s` while this process holds the leader lock."""
+
+    def __init__(self, planner: CampaignPlanner, is_leader: Callable[[], Awaitable[bool]], interval_s: float) -> None:
+        self.planner = planner
+        self._is_leader = is_leader
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="campaign-planner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self._is_leader():
+                    await self.planner.tick()
+            except Exception:
+                log.exception("planner round failed")
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self._interval_s)

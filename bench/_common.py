@@ -91,11 +91,31 @@ def machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def load_average() -> float:
+    """The 1-minute load average: other work on the machine skews every figure."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def open_fds(pid: int | str = "self") -> int:
     try:
         return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return -1
+
+
+def source_revision(root: Path) -> dict[str, Any]:
+    """What was measured: the commit of the working tree at `root` and whether its server code has uncommitted
+    changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "source": "working tree",
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "server_code_modified": bool(git("status", "--porcelain", "--", "wamd_server")),
+    }
 
 
 # --- processes ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from wamd_server.infra.bus.redis import RedisEventBus
 from wamd_server.infra.bus.rpc import RedisCommandServer, RedisWorkerCommands
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.campaigns import SqlCampaignRepository
+from wamd_server.infra.db.chats import SqlChatRepository
 from wamd_server.infra.db.devices import SqlDeviceRepository
 from wamd_server.infra.db.engine import create_engine
 from wamd_server.infra.db.leader import LeaderLock
@@ -52,6 +53,7 @@ from wamd_server.plugin_api.types import CampaignTypeSpec, TransportContext, Tra
 from wamd_server.protocol.events import OPTED_OUT, OUTBOX_QUEUED
 from wamd_server.services.auth import AuthService
 from wamd_server.services.campaigns import CampaignService
+from wamd_server.services.chats import ChatService
 from wamd_server.services.clock import SystemClock
 from wamd_server.services.device_pool import DevicePool
 from wamd_server.services.device_router import DeviceRouter
@@ -231,6 +233,7 @@ class Runtime:
                 wake_planner=self.planner_loop.wake.set,
             ),
             queue=QueueService(device_repo, outbox, QueueControl(device_repo, clock), clock),
+            chats=ChatService(device_repo, SqlChatRepository(self.engine), outbox, NewMessage, router, self.bus, clock),
             clock=clock,
             user_repo=user_repo,
             bus=self.bus,
@@ -239,6 +242,7 @@ class Runtime:
             device_counts=self.device_counts,
             transport_name=cfg.transport,
             sim_network=self.sim_network,
+            distribution_reports=outbox,
         )
         extra = plugin_endpoints(await self.plugins.call_flat("wamd_web_routes"))
         if self.sim_network is not None:
@@ -363,6 +367,7 @@ class Runtime:
             self.dispatcher.opted_out.add(str(event.data["phone"]))
 
     async def stop(self) -> None:
+        """Stop everything that runs, in reverse order of start; calling it again does nothing."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -371,24 +376,34 @@ class Runtime:
             self.runner = None
         if self.planner_loop is not None:
             await self.planner_loop.stop()
+            self.planner_loop = None
         if self._leader is not None:
             await self._leader.release()
+            self._leader = None
         if self.dispatcher is not None:
             await self.dispatcher.close()
+            self.dispatcher = None
         if self._commands is not None:
             await self._commands.close()
+            self._commands = None
         if self._command_server is not None:
             await self._command_server.close()
+            self._command_server = None
         if self.worker is not None:
             await self.worker.stop()
+            self.worker = None
         if self.sim_network is not None and self._owns_sim:
             await self.sim_network.close()
+            self._owns_sim = False
         if self.bus is not None:
             await self.bus.close()
+            self.bus = None
         if self._redis is not None:
             await self._redis.aclose()
+            self._redis = None
         if self.engine is not None:
             await self.engine.dispose()
+            self.engine = None
 
     async def db_ok(self) -> bool:
         assert self.engine is not None

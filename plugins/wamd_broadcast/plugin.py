@@ -15,6 +15,15 @@ OPTIONS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "language": {"type": "string", "description": "language of {greeting}: ms (default) or en"},
+        "distribution": {
+            "type": "string",
+            "enum": ["round_robin", "ai"],
+            "description": "how leads without an owner device are spread: round robin (default) or the AI "
+            "distribution plugin (per_device_limit, history_days, reply_weight)",
+        },
+        "per_device_limit": {"type": "integer", "minimum": 1},
+        "history_days": {"type": "integer", "minimum": 1, "maximum": 365},
+        "reply_weight": {"type": "number", "minimum": 0},
     },
     "additionalProperties": True,
 }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.conftest import Server, eventually
+from tests.conftest import Server, ServerFactory, eventually
+from wamd_server.services.clock import AcceleratedClock
 
 FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
 
@@ -123,3 +124,40 @@ async def test_opted_out_leads_receive_nothing(server: Server) -> None:
         assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
     report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
     assert (report["should_send"], report["done_send"]) == (2, 2)
+
+
+async def test_messages_of_leads_without_owner_move_off_a_banned_device(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    clock = AcceleratedClock(300)  # five minutes of being stuck pass in a second
+    server = await make_server(database_url, clock=clock)
+    devices = await linked_devices(server, 2)
+    slow, fast = devices
+    # The slow device sends one message, then waits ten minutes before the next.
+    await server.ok("PATCH", f"/api/devices/{slow['id']}", json={"min_delay_s": 600, "max_delay_s": 600})
+    for n in range(10):
+        await server.ok("POST", "/api/leads", json={"name": f"Free {n}", "phone": f"+6019{n:07d}", "niche": "free"})
+    campaign = await server.ok(
+        "POST", "/api/campaigns", json={"title": "Free", "message": "Hi {name}", "niche": "free"}
+    )
+
+    async def half_planned() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        per_device = {d["device_id"]: d for d in report["devices"]}
+        return slow["id"] in per_device and per_device[slow["id"]]["done_send"] >= 1
+
+    await eventually(half_planned, timeout=20)
+    await server.sim("POST", "/faults", {"phone": slow["phone"], "ban_seconds": 86_400})
+
+    async def finished() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["remaining_send"] == 0
+
+    await eventually(finished, timeout=30)
+    report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+    assert (report["should_send"], report["done_send"]) == (10, 10)
+    by_device = {d["device_id"]: d["done_send"] for d in report["devices"]}
+    assert by_device[fast["id"]] >= 5 and by_device[slow["id"]] < 5
+    network = server.runtime.sim_network
+    assert network is not None
+    assert all(len(network.inbox(f"6019{n:07d}")) == 1 for n in range(10))

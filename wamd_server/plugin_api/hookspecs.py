@@ -38,12 +38,21 @@ def wamd_campaign_types() -> Any:
 
 
 @hookspec(firstresult=True)
-def wamd_distribute_leads(campaign: Any, leads: Any, devices: Any) -> Any:
+def wamd_distribute_leads(campaign: Any, leads: Any, devices: Any, ctx: Any) -> Any:
     """Choose a sending device for each lead that has no owner device.
 
     ``campaign`` is the campaign being planned, ``leads`` the leads without an owner device, ``devices`` the
-    devices that may send (online, not banned, not paused). Return a mapping ``{lead_id: device_id}`` (leads
-    left out stay unassigned) or ``None`` to let the next plugin decide. The first non-``None`` answer wins.
+    devices that may send (linked, not banned or logged out, queue not paused). Return a mapping
+    ``{lead_id: device_id}`` (leads left out stay unassigned) or ``None`` to let the next plugin decide (the
+    default is round robin). The first non-``None`` answer wins. Called once per page of leads.
+
+    ``ctx`` (accept it only if needed) is the launch's :class:`~wamd_server.services.planner.PlanContext`, the
+    read API a distributor may use instead of the database: ``await ctx.devices()`` (every device of the
+    campaign, whatever its state), ``await ctx.device_history(days, device_ids)`` →
+    ``{device_id: {"sent": n, "failed": n, "replied": n}}`` (outbox messages sent and failed in the last
+    ``days`` days, and recipients who wrote to the device after its message), and
+    ``await ctx.save_distribution_report(plugin, report)`` / ``await ctx.distribution_report(plugin)`` to keep
+    a JSON document explaining the choice (one per campaign and plugin; deleted with the campaign).
     """
 
 

@@ -75,11 +75,14 @@ class PluginHost:
         # pluggy calls the last registered first; keep that order, but one implementation at a time so a
         # failure skips only that plugin.
         for impl in reversed(caller.get_hookimpls()):
-            args = {name: kwargs[name] for name in impl.argnames}
             try:
-                yield impl, impl.function(**args)
+                # An implementation asking for an argument this call does not pass fails alone, like any error.
+                args = {name: kwargs[name] for name in impl.argnames}
+                result = impl.function(**args)
             except Exception:
                 self._failed(impl, hook)
+                continue
+            yield impl, result
 
     async def _settle(self, impl: Any, hook: str, result: Any) -> Any:
         if not inspect.isawaitable(result):

@@ -426,3 +426,44 @@ class QueueRow(BaseModel):
 
 class QueueOut(BaseModel):
     items: list[QueueRow]
+
+
+# --- chats -------------------------------------------------------------------------------------------------
+
+
+class ChatOut(BaseModel):
+    jid: str
+    name: str | None
+    is_group: bool
+    last_message_at: datetime | None
+    last_message_text: str | None
+    unread_count: int
+
+
+class ChatMessageOut(BaseModel):
+    wa_id: str
+    chat_jid: str
+    from_me: bool
+    sender_jid: str | None
+    sender_phone: str | None
+    push_name: str | None
+    text: str
+    media_type: str | None
+    status: str | None  # ours: sent | delivered | read | played; theirs: read once read here
+    timestamp: datetime
+
+
+class ChatSend(Request):
+    text: str = Field(default="", max_length=4096)
+    client_id: str | None = Field(default=None, min_length=1, max_length=100)  # repeat it to retry safely
+    image_media_id: str | None = None
+
+
+class ChatSendOut(BaseModel):
+    id: str
+    wa_message_id: str
+    status: str
+
+
+class ChatReadOut(BaseModel):
+    read: int

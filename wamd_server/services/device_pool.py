@@ -314,6 +314,14 @@ class DevicePool:
             return DeviceStatus.CONNECTING.value
         return QR_REQUIRED if status is DeviceStatus.LOGGED_OUT else status.value
 
+    async def mark_read(self, device_id: UUID, chat_jid: str, items: list[tuple[str, str | None]]) -> None:
+        """Read receipts, one call per sender (in a one-to-one chat: the chat itself)."""
+        by_sender: dict[str, list[str]] = {}
+        for wa_id, sender in items:
+            by_sender.setdefault(sender or chat_jid, []).append(wa_id)
+        for sender, ids in by_sender.items():
+            await self.transport.mark_read(device_id, chat_jid, sender, ids)
+
     async def remove(self, device_id: UUID) -> None:
         async with self._lock(device_id):
             device = await self._devices.get(device_id, EVERYTHING)

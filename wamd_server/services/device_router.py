@@ -49,6 +49,10 @@ class DeviceRouter:
     async def remove(self, device_id: UUID) -> None:
         await self._route("remove", device_id)
 
+    async def mark_read(self, device_id: UUID, chat_jid: str, items: list[tuple[str, str | None]]) -> None:
+        """Send read receipts for messages of a chat (message id, sender JID), through the device's worker."""
+        await self._route("read", device_id, chat=chat_jid, items=[list(i) for i in items])
+
     async def _route(self, op: str, device_id: UUID, **args: Any) -> Any:
         for _ in range(ATTEMPTS):
             owner = await self._leases.owner(device_id)

@@ -44,6 +44,11 @@ class DispatchSettings:
     send_timeout_s: float = 30.0  # no server ack after this long: the device is suspect
     typing_chars_per_s: float = 15.0  # how long "typing…" shows: the text's length at this speed…
     typing_max_s: float = 6.0  # …but never longer than this, nor than the gap before the send
+    # Lanes working through an unpaced batch (claim → sends → record) at once; the others wait their turn, in
+    # order. Without a bound, thousands of lanes released together each held or awaited one of the few database
+    # connections while the event loop was busy with all the others, and lanes failed on the pool's timeout.
+    max_active: int = 64
+    error_backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # a failed lane starts over after this
 
 
 class OutboxStore(Protocol):
@@ -53,7 +58,9 @@ class OutboxStore(Protocol):
 
     async def next_due(self, device_id: UUID) -> datetime | None: ...
 
-    async def mark_sent(self, sent: list[Sent]) -> None: ...
+    async def record_sent(self, device_id: UUID, sent: list[Sent], history: list[InboundMessage]) -> None:
+        """Mark rows sent and add them to the device's chat history, in one transaction."""
+        ...
 
     async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None: ...
 
@@ -69,7 +76,9 @@ class OutboxStore(Protocol):
 
 
 class SentLog(Protocol):
-    """Where sent messages join the device's chat history."""
+    """Where sent messages join the device's chat history. The dispatcher now records a batch's history through
+    `OutboxStore.record_sent` (same transaction as marking the rows sent); this stays the composition root's
+    argument and the type of message repositories."""
 
     async def store_sent(self, device_id: UUID, messages: list[InboundMessage]) -> None: ...
 
@@ -142,6 +151,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rng = rng or random.Random()
         self.lanes: dict[UUID, Lane] = {}
+        self.active = asyncio.Semaphore(self.settings.max_active)
 
     def device_status(self, device_id: UUID, status: DeviceStatus) -> None:
         """Pool listener: a lane runs exactly while its device is online; bans and logouts pause the queue
@@ -198,7 +208,11 @@ class Lane:
         self.task: asyncio.Task[None] | None = None
         self.history = SendHistory()
         self.failures = 0
-        self.claimed: list[OutboxItem] = []  # rows marked `sending` and not yet settled
+        self.errors = 0  # lane failures in a row (database unreachable…), for the backoff
+        self.holding = False  # holds one of the dispatcher's active slots
+        # Rows marked `sending` and not yet settled, by id (a dict: settling one is O(1), where removing from a
+        # list compared whole dataclasses, O(n) each).
+        self.claimed: dict[UUID, OutboxItem] = {}
 
     @property
     def done(self) -> bool:
@@ -217,40 +231,83 @@ class Lane:
                 await self.task
 
     async def run(self) -> None:
-        d = self.d
+        """Serve the device until it is gone or offline. A failure (the database unreachable, a pool timeout)
+        does not end the lane: it starts over after a growing pause, and rows it left `sending` are re-sent with
+        the same message ids, as after a crash."""
+        backoff = self.d.settings.error_backoff_s
         try:
-            now = d.clock.now()
-            self.history = SendHistory(await d.outbox.sent_since(self.device_id, now - timedelta(days=2)))
-            recovered = await d.outbox.in_flight(self.device_id)
-            if recovered:
-                log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
             while True:
-                device = await d.devices.get(self.device_id, EVERYTHING)
-                if device is None or device.status is not DeviceStatus.ONLINE:
+                try:
+                    await self._serve()
                     return
-                if device.queue_paused_reason:
-                    await self._idle(d.settings.idle_poll_s)
-                    continue
-                rules = PacingRules.for_device(device, d.tz)
-                # Caps and quiet hours do not depend on the message: wait them out before claiming anything.
-                if not recovered and not await self._paced(rules, 0.0):
-                    continue
-                paced = rules.max_delay_s > 0 or device.typing
-                batch = recovered or await d.outbox.claim(
-                    self.device_id, d.clock.now(), 1 if paced else d.settings.batch
-                )
-                recovered = []
-                if not batch:
-                    await self._idle(await self._idle_time())
-                    continue
-                if not await self._send_batch(device, rules, batch):
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("device %s: dispatcher lane failed", self.device_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    delay = backoff[min(self.errors, len(backoff) - 1)]
+                    self.errors += 1
+                    log.exception("device %s: dispatcher lane failed; starting over in %.0f s", self.device_id, delay)
+                    self._release_slot()
+                    await self._settle_on_exit()
+                    await self.d.clock.sleep(delay)
         finally:
+            self._release_slot()
             await self._settle_on_exit()
+
+    async def _serve(self) -> None:
+        d = self.d
+        now = d.clock.now()
+        self.history = SendHistory(await d.outbox.sent_since(self.device_id, now - timedelta(days=2)))
+        recovered = await d.outbox.in_flight(self.device_id)
+        if recovered:
+            log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
+        while True:
+            # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
+            # never sleeps through one that arrived while it was busy.
+            self.wake.clear()
+            device = await d.devices.get(self.device_id, EVERYTHING)
+            if device is None or device.status is not DeviceStatus.ONLINE:
+                return
+            if device.queue_paused_reason:
+                await self._idle(d.settings.idle_poll_s)
+                continue
+            rules = PacingRules.for_device(device, d.tz)
+            # Caps and quiet hours do not depend on the message: wait them out before claiming anything.
+            if not recovered and not await self._paced(rules, 0.0):
+                continue
+            paced = rules.max_delay_s > 0 or device.typing
+            limit = 1 if paced else d.settings.batch
+            if not paced:
+                await self._take_slot()
+            try:
+                batch = recovered or await d.outbox.claim(self.device_id, d.clock.now(), limit)
+                was_recovered, recovered = bool(recovered), []
+                if batch and not await self._send_batch(device, rules, batch):
+                    return
+            finally:
+                self._release_slot()
+            self.errors = 0
+            if not batch or (not was_recovered and len(batch) < limit):
+                # Nothing due, or the claim took every due row: look again when the next one is due (or when
+                # woken), not at once with a claim that would come back empty.
+                await self._idle(await self._idle_time())
+
+    async def _take_slot(self) -> None:
+        await self.d.active.acquire()
+        self.holding = True
+
+    def _release_slot(self) -> None:
+        if self.holding:
+            self.holding = False
+            self.d.active.release()
+
+    async def _wait_unslotted(self, waiting: Awaitable[None]) -> None:
+        """A pause in a batch (a gap, typing): other lanes may use the slot meanwhile."""
+        if not self.holding:
+            await waiting
+            return
+        self._release_slot()
+        await waiting
+        await self._take_slot()
 
     async def _paced(self, rules: PacingRules, gap_s: float) -> bool:
         """Wait until pacing allows the next send; False when woken early (look again)."""
@@ -271,13 +328,13 @@ class Lane:
         return min(poll, max((due - self.d.clock.now()).total_seconds(), 0.05))
 
     async def _idle(self, seconds: float) -> None:
-        self.wake.clear()
+        """Wait `seconds`, or less if woken (since the start of this round of the lane's loop)."""
         await self.d.clock.wait(self.wake, seconds)
 
     async def _send_batch(self, device: Device, rules: PacingRules, batch: list[OutboxItem]) -> bool:
         """Send claimed rows in order, each after its gap; False when the lane must stop."""
         d = self.d
-        self.claimed = list(batch)
+        self.claimed = {item.id: item for item in batch}
         sent: list[Sent] = []
         try:
             opted_out = await d.opted_out.phones()
@@ -285,7 +342,7 @@ class Lane:
                 # Checks and loading come before the gap, so the send follows the gap at once.
                 message = await self._prepare(item, item.recipient in opted_out)
                 if message is None:
-                    self.claimed.remove(item)
+                    del self.claimed[item.id]
                     continue
                 # The gap is the campaign's own min..max for its messages, else the device's; "typing…" is
                 # shown during the end of the gap, so typing never stretches it.
@@ -295,11 +352,11 @@ class Lane:
                     break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
                 typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
                 if wait - typing_s > 0:
-                    await d.clock.sleep(wait - typing_s)
+                    await self._wait_unslotted(d.clock.sleep(wait - typing_s))
                 if device.typing:
-                    await self._show_typing(item, typing_s)
+                    await self._wait_unslotted(self._show_typing(item, typing_s))
                 outcome = await self._send(item, message)
-                self.claimed.remove(item)
+                del self.claimed[item.id]
                 if outcome.sent is not None:
                     sent.append(outcome.sent)
                 if outcome.stop:
@@ -310,10 +367,10 @@ class Lane:
         return True
 
     async def _record(self, batch: list[OutboxItem], sent: list[Sent]) -> None:
-        await self.d.outbox.mark_sent(sent)
-        pairs = self._pairs(batch, sent)
-        if pairs:
-            await self.d.sent_log.store_sent(self.device_id, [self._as_message(item, s) for item, s in pairs])
+        if not sent:
+            return
+        history = [self._as_message(item, s) for item, s in self._pairs(batch, sent)]
+        await self.d.outbox.record_sent(self.device_id, sent, history)
 
     @staticmethod
     def _pairs(batch: list[OutboxItem], sent: list[Sent]) -> list[tuple[OutboxItem, Sent]]:
@@ -356,9 +413,9 @@ class Lane:
     async def _send(self, item: OutboxItem, message: OutboundMessage) -> SendOutcome:
         d = self.d
         try:
-            result: SendResult = await asyncio.wait_for(
-                d.transport.send(self.device_id, message), d.settings.send_timeout_s
-            )
+            # `asyncio.timeout`, not `wait_for`: the same deadline without wrapping every send in a new task.
+            async with asyncio.timeout(d.settings.send_timeout_s):
+                result: SendResult = await d.transport.send(self.device_id, message)
         except TimeoutError:
             # No ack: keep the message (same id) for the next attempt and have the device checked.
             await d.outbox.release([item.id], d.clock.now())
@@ -405,5 +462,5 @@ class Lane:
         """Rows claimed but not attempted go back to the queue (same ids, attempt not counted)."""
         if self.claimed:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.d.outbox.release([i.id for i in self.claimed], self.d.clock.now()))
-            self.claimed = []
+                await asyncio.shield(self.d.outbox.release(list(self.claimed), self.d.clock.now()))
+            self.claimed = {}

@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 LEAD_PAGE = 1000
 # Devices that may take a lead without an owner: linked and not in trouble.
 DISTRIBUTABLE = frozenset({DeviceStatus.ONLINE, DeviceStatus.CONNECTING, DeviceStatus.OFFLINE})
+# A device that cannot send for this long hands its queued messages to leads without an owner to others.
+STRANDED_AFTER = timedelta(minutes=5)
+MOVE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,30 @@ class CampaignStore(Protocol):
 
     async def target_leads(self, campaign: Campaign, limit: int, after: UUID | None) -> list[Lead]: ...
 
+    async def stranded_rows(self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int) -> list[UUID]: ...
+
+    async def move_rows(self, moves: dict[UUID, UUID], now: datetime) -> int: ...
+
 
 class OutboxWriter(Protocol):
     async def enqueue(self, messages: Sequence[Any], now: datetime) -> int: ...
 
     async def tally_many(self, source_ids: Sequence[UUID]) -> dict[UUID, Any]: ...
+
+    async def device_history(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, dict[str, int]]: ...
+
+    async def distribution_report(self, campaign_id: UUID, plugin: str) -> dict[str, Any] | None: ...
+
+    async def save_distribution_report(
+        self, campaign_id: UUID, plugin: str, report: dict[str, Any], now: datetime
+    ) -> None: ...
+
+
+class DistributionReports(Protocol):
+    """Where lead distribution plugins' reports are read back (their web routes get it as
+    `ApiContext.distribution_reports`); they are written through `PlanContext.save_distribution_report`."""
+
+    async def distribution_report(self, campaign_id: UUID, plugin: str) -> dict[str, Any] | None: ...
 
 
 Render = Callable[[str, Lead, datetime, random.Random, str], str]  # template, lead, at, rng, language
@@ -83,12 +105,29 @@ class PlanContext:
         if not leads or not usable:
             return {}
         decided = await self._planner.plugins.call_first(
-            "wamd_distribute_leads", campaign=self.campaign, leads=leads, devices=usable
+            "wamd_distribute_leads", campaign=self.campaign, leads=leads, devices=usable, ctx=self
         )
         if isinstance(decided, dict):
             allowed = {d.id for d in usable}
             return {lead: device for lead, device in decided.items() if device in allowed}
         return {lead.id: usable[(i + self._planner.rr_offset) % len(usable)].id for i, lead in enumerate(leads)}
+
+    async def device_history(self, days: float, device_ids: Sequence[UUID] | None = None) -> dict[UUID, dict[str, int]]:
+        """Each device's record over the last `days` days (default: every device of the campaign):
+        `{device_id: {"sent": n, "failed": n, "replied": n}}`, from the outbox and the stored messages
+        (`replied`: recipients who wrote to the device after its message)."""
+        ids = list(device_ids) if device_ids is not None else [d.id for d in await self.devices()]
+        since = self._planner.clock.now() - timedelta(days=days)
+        return await self._planner.outbox.device_history(ids, since)
+
+    async def distribution_report(self, plugin: str) -> dict[str, Any] | None:
+        """The report `plugin` saved for this campaign with `save_distribution_report` (None: none yet)."""
+        return await self._planner.outbox.distribution_report(self.campaign.id, plugin)
+
+    async def save_distribution_report(self, plugin: str, report: dict[str, Any]) -> None:
+        """Store (replace) `plugin`'s JSON report on how it distributed this campaign's leads; it lasts as long
+        as the campaign."""
+        await self._planner.outbox.save_distribution_report(self.campaign.id, plugin, report, self._planner.clock.now())
 
     def planned(self, lead: Lead, device_id: UUID) -> Planned:
         return Planned(lead, device_id, self.render(lead))
@@ -184,10 +223,34 @@ class CampaignPlanner:
         log.info("campaign %s: %d messages queued%s", campaign.id, queued, "" if started else " (state changed)")
         return int(queued)
 
+    async def rescue(self, campaign: Campaign) -> int:
+        """Lead distribution at send time: messages to leads without an owner device, waiting on a device that
+        has been unable to send for a while (banned, logged out, offline, queue paused), move to devices of the
+        campaign that can. Leads with an owner device keep waiting for it (their conversation lives there)."""
+        devices = await self.devices_of(campaign)
+        now = self.clock.now()
+        stuck = [
+            d.id
+            for d in devices
+            if (d.status is not DeviceStatus.ONLINE or d.queue_paused_reason)
+            and (d.last_seen_at is None or now - d.last_seen_at > STRANDED_AFTER)
+        ]
+        usable = [d.id for d in devices if d.status is DeviceStatus.ONLINE and not d.queue_paused_reason]
+        if not stuck or not usable:
+            return 0
+        rows = await self.campaigns.stranded_rows(campaign.id, stuck, MOVE_BATCH)
+        moved = await self.campaigns.move_rows({row: usable[i % len(usable)] for i, row in enumerate(rows)}, now)
+        if moved:
+            log.info("campaign %s: %d messages moved off devices that cannot send", campaign.id, moved)
+            await self.bus.publish(BusEvent(ev.OUTBOX_QUEUED, {"device_ids": [str(d) for d in usable]}))
+        return moved
+
     async def follow(self) -> None:
         running = await self.campaigns.with_status([CampaignStatus.RUNNING, CampaignStatus.PAUSED])
         tallies = await self.outbox.tally_many([c.id for c in running])
         for campaign in running:
+            if campaign.status is CampaignStatus.RUNNING and tallies[campaign.id].remaining_send:
+                await self.rescue(campaign)
             tally = tallies[campaign.id]
             numbers = (tally.should_send, tally.done_send, tally.failed_send, tally.remaining_send)
             finished = campaign.status is CampaignStatus.RUNNING and tally.remaining_send == 0

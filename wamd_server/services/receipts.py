@@ -62,11 +62,20 @@ class ReceiptBatcher:
         now = time.monotonic()
         announced: list[Receipt] = []
         # Delivered before read before played, so a message's status only moves forward.
-        for kind in (ReceiptType.DELIVERED, ReceiptType.READ, ReceiptType.PLAYED):
+        kinds = (ReceiptType.DELIVERED, ReceiptType.READ, ReceiptType.PLAYED)
+        for i, kind in enumerate(kinds):
             bucket = pending.get(kind)
             if not bucket:
                 continue
-            found = await self._store.mark_status(list(bucket), kind.value)
+            try:
+                found = await self._store.mark_status(list(bucket), kind.value)
+            except BaseException:
+                # Not stored: this bucket and the ones after it wait for the next flush (with what arrived
+                # meanwhile), instead of being dropped.
+                for later in kinds[i:]:
+                    for key, value in pending.get(later, {}).items():
+                        self._pending.setdefault(later, {}).setdefault(key, value)
+                raise
             by_chat: dict[tuple[UUID, str], list[str]] = {}
             for key, (chat, seen) in bucket.items():
                 if key in found:

@@ -24,7 +24,7 @@ from wamd_server.services.watchdog import HealthWatchdog, WatchdogSettings
 
 log = logging.getLogger(__name__)
 
-OPS = ("pair_qr", "pair_code", "logout", "refresh", "remove")
+OPS = ("pair_qr", "pair_code", "logout", "refresh", "remove", "read")
 
 
 class NotOwner(DomainError):
@@ -189,6 +189,9 @@ class DeviceWorker:
             return None
         if op == "refresh":
             return await self.pool.refresh(device_id)
+        if op == "read":
+            await self.pool.mark_read(device_id, str(args["chat"]), [(str(i), s) for i, s in args["items"]])
+            return None
         await self.pool.remove(device_id)
         await self._leases.release(self.id, [device_id])
         self.held.discard(device_id)

@@ -76,6 +76,9 @@ class SimNetwork:
         self._phone_faults: dict[str, PhoneFaults] = {}
         self._stats = SimStats()
         self._timers: set[asyncio.TimerHandle] = set()
+        # `delivered` receipts waiting for their time, oldest first (see `_receipt_later`).
+        self._receipts_due: deque[tuple[float, str, str, list[str], str]] = deque()
+        self._receipt_timer: asyncio.TimerHandle | None = None
         self._answering = asyncio.Event()  # set (and replaced) whenever an `unresponsive` fault is lifted
 
     # --- links ----------------------------------------------------------------------------------------
@@ -309,14 +312,7 @@ class SimNetwork:
         self._route_message(
             sender_phone, to_phone, request.id, text, request.media is not None, at, session.device, None
         )
-        self._later(
-            self.config.receipt_delay_s,
-            self._receipt,
-            sender_phone,
-            user_jid(to_phone),
-            [request.id],
-            "delivered",
-        )
+        self._receipt_later(self.config.receipt_delay_s, sender_phone, user_jid(to_phone), [request.id], "delivered")
         return {"id": request.id, "ts": at.timestamp()}
 
     def _route_message(
@@ -387,6 +383,36 @@ class SimNetwork:
         frame = {"ev": "receipt", "chat": chat, "ids": ids, "type": kind, "ts": _now().timestamp()}
         for device in account.devices.values():
             self._deliver(device, frame)
+
+    def _receipt_later(self, delay: float, owner_phone: str, chat: str, ids: list[str], kind: str) -> None:
+        """`_receipt(...)` in `delay` seconds. Every send's receipt uses the same delay, so they fall due in the
+        order they were scheduled: one queue and one timer for its head replace a timer per message (a broadcast
+        keeps thousands pending, and each timer costs a heap entry and a handle)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._receipts_due and due < self._receipts_due[-1][0]:
+            # The delay was shortened meanwhile (config changed): keep its exact timing the generic way.
+            self._later(delay, self._receipt, owner_phone, chat, ids, kind)
+            return
+        self._receipts_due.append((due, owner_phone, chat, ids, kind))
+        if self._receipt_timer is None:
+            self._receipt_timer = loop.call_at(due, self._fire_receipts)
+
+    def _fire_receipts(self) -> None:
+        self._receipt_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # asyncio may run a timer this little early
+        while self._receipts_due and self._receipts_due[0][0] <= now:
+            _, owner_phone, chat, ids, kind = self._receipts_due.popleft()
+            self._receipt(owner_phone, chat, ids, kind)
+        if self._receipts_due:
+            self._receipt_timer = loop.call_at(self._receipts_due[0][0], self._fire_receipts)
+
+    def _cancel_receipts(self) -> None:
+        if self._receipt_timer is not None:
+            self._receipt_timer.cancel()
+            self._receipt_timer = None
+        self._receipts_due.clear()
 
     def _later(self, delay: float, callback: Any, *args: Any) -> None:
         def fire() -> None:
@@ -576,11 +602,13 @@ class SimNetwork:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        self._cancel_receipts()
 
     def _clear(self) -> None:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        self._cancel_receipts()
         self._pairings.clear()
         self._accounts.clear()
         self._devices.clear()

@@ -25,6 +25,8 @@ def normalize_phone(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str):
+        if value.isdigit():
+            return value  # already digits only (every request of a client does this once per message)
         return "".join(ch for ch in value.strip() if ch not in "+ -()")
     return value
 

@@ -8,12 +8,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from wamd_server.domain.models import Campaign, CampaignStatus, Lead, TargetStatus
-from wamd_server.infra.db.tables import campaigns, leads
+from wamd_server.domain.models import Campaign, CampaignStatus, Lead, OutboxStatus, TargetStatus
+from wamd_server.infra.db.leads import lead_from_row
+from wamd_server.infra.db.tables import campaigns, leads, outbox
 
 CAMPAIGN_FIELDS = frozenset(
     {
@@ -55,24 +56,6 @@ def campaign_from_row(row: RowMapping) -> Campaign:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-    )
-
-
-def lead_from_row(row: RowMapping) -> Lead:
-    return Lead(
-        id=row["id"],
-        user_id=row["user_id"],
-        phone=row["phone"],
-        name=row["name"],
-        niche=row["niche"],
-        target_status=TargetStatus(row["target_status"]),
-        triggers=list(row["triggers"] or []),
-        device_id=row["device_id"],
-        notes=row["notes"],
-        fields=dict(row["fields"] or {}),
-        opted_out_at=row["opted_out_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
     )
 
 
@@ -222,3 +205,35 @@ class SqlCampaignRepository:
             query = query.where(leads.c.id > after)
         async with self._engine.connect() as conn:
             return [lead_from_row(r) for r in (await conn.execute(query)).mappings()]
+
+    async def stranded_rows(self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int) -> list[UUID]:
+        """Queued messages of a campaign to leads without an owner device, waiting on devices that cannot send."""
+        if not stuck_devices:
+            return []
+        query = (
+            select(outbox.c.id)
+            .join(leads, leads.c.id == outbox.c.lead_id)
+            .where(
+                outbox.c.source_id == campaign_id,
+                outbox.c.status == OutboxStatus.QUEUED.value,
+                outbox.c.device_id.in_(list(stuck_devices)),
+                leads.c.device_id.is_(None),
+            )
+            .order_by(outbox.c.seq)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def move_rows(self, moves: dict[UUID, UUID], now: datetime) -> int:
+        """Give queued rows another device (`{row_id: device_id}`); rows claimed meanwhile stay where they are."""
+        if not moves:
+            return 0
+        stmt = (
+            update(outbox)
+            .where(outbox.c.id == bindparam("b_id"), outbox.c.status == OutboxStatus.QUEUED.value)
+            .values(device_id=bindparam("b_device"), updated_at=now)
+        )
+        async with self._engine.begin() as conn:
+            result = await conn.execute(stmt, [{"b_id": row, "b_device": device} for row, device in moves.items()])
+        return int(result.rowcount or 0)

@@ -5,18 +5,71 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import case, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wamd_server.domain.models import InboundMessage
+from wamd_server.infra.db.engine import driver_connection, is_postgres
 from wamd_server.infra.db.tables import chats, messages
 from wamd_server.infra.db.upsert import insert_for
 
 PREVIEW_CHARS = 200
 # Receipts only move a message forward; a late "delivered" never overwrites "read".
 STATUS_ORDER = ("sent", "delivered", "read", "played")
+# Receipts per statement: a broadcast's receipts arrive by the thousand. SQLite allows 32766 parameters (2 a key);
+# on Postgres the keys travel as two arrays (a row-value IN list of that size exceeded its stack depth: the
+# receipts of a whole broadcast flush were lost).
+RECEIPT_CHUNK_SQLITE = 2000
+RECEIPT_CHUNK_PG = 10_000
+
+# Postgres: the keys as two arrays joined to the table (one index lookup each). Only messages whose status is
+# earlier are written; every message found is returned, moved or not (the batcher stops waiting for those), as
+# its position in the arrays (an integer is cheaper to read back than a uuid and a string).
+# Arrays go as `%b`, psycopg's binary format: several times cheaper to build than array literals in text.
+_MARK_STATUS_PG = """
+WITH k AS (
+    SELECT * FROM unnest(%(devices)b::uuid[], %(ids)b::text[]) WITH ORDINALITY AS k(device_id, wa_message_id, n)
+),
+moved AS (
+    UPDATE messages m SET status = %(status)s FROM k
+    WHERE m.device_id = k.device_id AND m.wa_message_id = k.wa_message_id AND m.from_me
+      AND m.status = ANY(%(earlier)s::text[])
+)
+SELECT k.n FROM messages m
+JOIN k ON m.device_id = k.device_id AND m.wa_message_id = k.wa_message_id
+WHERE m.from_me
+"""
+
+# Postgres: a batch of our own sends as two data-modifying CTEs, one per table, each taking the batch as arrays
+# (instead of one statement per row); the outbox runs them in the statement that marks the batch sent. Row ids
+# come from gen_random_uuid() (Postgres 13+) rather than from Python.
+SENT_HISTORY_CTES_PG = """
+history AS (
+    INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
+                          sent_at, created_at)
+    SELECT gen_random_uuid(), %(h_device)s, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
+           'sent', m.sent_at, %(h_now)s
+    FROM unnest(%(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[], %(h_texts)b::text[],
+                %(h_media)b::text[], %(h_times)b::timestamptz[])
+         AS m(chat_jid, wa_message_id, sender_jid, text, media_type, sent_at)
+    ON CONFLICT (device_id, wa_message_id) DO NOTHING
+),
+chat AS (
+    INSERT INTO chats AS c (id, device_id, jid, is_group, last_message_at, last_message_text, unread_count,
+                            created_at)
+    SELECT gen_random_uuid(), %(h_device)s, n.jid, false, n.at, n.preview, 0, %(h_now)s
+    FROM unnest(%(c_jids)b::text[], %(c_times)b::timestamptz[], %(c_previews)b::text[]) AS n(jid, at, preview)
+    ON CONFLICT (device_id, jid) DO UPDATE SET
+        last_message_at = CASE WHEN excluded.last_message_at >= c.last_message_at
+                               THEN excluded.last_message_at ELSE c.last_message_at END,
+        last_message_text = CASE WHEN excluded.last_message_at >= c.last_message_at
+                                 THEN excluded.last_message_text ELSE c.last_message_text END
+)
+"""
+_STORE_SENT_PG = "WITH " + SENT_HISTORY_CTES_PG + "SELECT 1"
 
 
 class SqlMessageRepository:
@@ -83,72 +136,130 @@ class SqlMessageRepository:
         of the messages found (a receipt can arrive before its message is stored)."""
         if status not in STATUS_ORDER or not keys:
             return set()
-        earlier = STATUS_ORDER[: STATUS_ORDER.index(status)]
-        stmt = (
-            update(messages)
-            .where(tuple_(messages.c.device_id, messages.c.wa_message_id).in_(list(keys)), messages.c.from_me)
-            .values(status=case((messages.c.status.in_(earlier), status), else_=messages.c.status))
-            .returning(messages.c.device_id, messages.c.wa_message_id)
-        )
+        earlier = list(STATUS_ORDER[: STATUS_ORDER.index(status)])
+        keys = list(keys)
+        found: set[tuple[UUID, str]] = set()
+        if is_postgres(self._engine):
+            async with driver_connection(self._engine) as pg:
+                for start in range(0, len(keys), RECEIPT_CHUNK_PG):
+                    chunk = keys[start : start + RECEIPT_CHUNK_PG]
+                    params = {
+                        "devices": [k[0] for k in chunk],
+                        "ids": [k[1] for k in chunk],
+                        "status": status,
+                        "earlier": earlier,
+                    }
+                    cursor = await pg.execute(_MARK_STATUS_PG, params)
+                    found.update(chunk[n - 1] for (n,) in await cursor.fetchall())
+            return found
         async with self._engine.begin() as conn:
-            return {(r.device_id, r.wa_message_id) for r in await conn.execute(stmt)}
+            for start in range(0, len(keys), RECEIPT_CHUNK_SQLITE):
+                stmt = (
+                    update(messages)
+                    .where(
+                        tuple_(messages.c.device_id, messages.c.wa_message_id).in_(
+                            keys[start : start + RECEIPT_CHUNK_SQLITE]
+                        ),
+                        messages.c.from_me,
+                    )
+                    .values(status=case((messages.c.status.in_(earlier), status), else_=messages.c.status))
+                    .returning(messages.c.device_id, messages.c.wa_message_id)
+                )
+                found.update((r.device_id, r.wa_message_id) for r in await conn.execute(stmt))
+        return found
 
     async def store_sent(self, device_id: UUID, sent: list[InboundMessage]) -> None:
         """Our own sends join the chat history (one statement per table for the whole batch)."""
         if not sent:
             return
-        now = datetime.now(UTC)
+        if is_postgres(self._engine):
+            async with driver_connection(self._engine) as pg:
+                await pg.execute(_STORE_SENT_PG, sent_history_params(device_id, sent))
+            return
         async with self._engine.begin() as conn:
-            rows = [
-                {
-                    "id": uuid.uuid4(),
-                    "device_id": device_id,
-                    "chat_jid": m.chat_jid,
-                    "wa_message_id": m.wa_id,
-                    "from_me": True,
-                    "sender_jid": m.sender_jid or None,
-                    "text": m.text,
-                    "media_type": m.media_type,
-                    "status": "sent",
-                    "sent_at": m.timestamp,
-                    "created_at": now,
-                }
-                for m in sent
-            ]
-            await conn.execute(
-                insert_for(conn, messages).on_conflict_do_nothing(
-                    index_elements=[messages.c.device_id, messages.c.wa_message_id]
-                ),
-                rows,
-            )
-            latest: dict[str, InboundMessage] = {}
-            for m in sent:
-                if m.chat_jid not in latest or m.timestamp >= latest[m.chat_jid].timestamp:
-                    latest[m.chat_jid] = m
-            chat_rows = [
-                {
-                    "id": uuid.uuid4(),
-                    "device_id": device_id,
-                    "jid": m.chat_jid,
-                    "is_group": False,
-                    "last_message_at": m.timestamp,
-                    "last_message_text": (m.text[:PREVIEW_CHARS] or ("[image]" if m.media_type else "")),
-                    "unread_count": 0,
-                    "created_at": now,
-                }
-                for m in latest.values()
-            ]
-            chat = insert_for(conn, chats)
-            newer = chat.excluded.last_message_at >= chats.c.last_message_at
-            await conn.execute(
-                chat.on_conflict_do_update(
-                    index_elements=[chats.c.device_id, chats.c.jid],
-                    set_={
-                        "last_message_at": case((newer, chat.excluded.last_message_at), else_=chats.c.last_message_at),
-                        "last_message_text": case(
-                            (newer, chat.excluded.last_message_text), else_=chats.c.last_message_text
-                        ),
-                    },
-                ),
-                chat_rows,
-            )
+            await write_sent(conn, device_id, sent)
+
+
+def _latest_per_chat(sent: list[InboundMessage]) -> list[InboundMessage]:
+    """The newest message of each chat: what its preview shows (one row per chat and statement)."""
+    latest: dict[str, InboundMessage] = {}
+    for m in sent:
+        if m.chat_jid not in latest or m.timestamp >= latest[m.chat_jid].timestamp:
+            latest[m.chat_jid] = m
+    return list(latest.values())
+
+
+def _preview(m: InboundMessage) -> str:
+    return m.text[:PREVIEW_CHARS] or ("[image]" if m.media_type else "")
+
+
+def sent_history_params(device_id: UUID, sent: list[InboundMessage]) -> dict[str, Any]:
+    """The parameters of `SENT_HISTORY_CTES_PG` for a batch of one device's sends."""
+    latest = _latest_per_chat(sent)
+    return {
+        "h_device": device_id,
+        "h_now": datetime.now(UTC),
+        "h_chats": [m.chat_jid for m in sent],
+        "h_wa_ids": [m.wa_id for m in sent],
+        "h_senders": [m.sender_jid or None for m in sent],
+        "h_texts": [m.text for m in sent],
+        "h_media": [m.media_type for m in sent],
+        "h_times": [m.timestamp for m in sent],
+        "c_jids": [m.chat_jid for m in latest],
+        "c_times": [m.timestamp for m in latest],
+        "c_previews": [_preview(m) for m in latest],
+    }
+
+
+async def write_sent(conn: AsyncConnection, device_id: UUID, sent: list[InboundMessage]) -> None:
+    """`store_sent` through SQLAlchemy (SQLite, or any dialect), inside the caller's transaction."""
+    if not sent:
+        return
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "device_id": device_id,
+            "chat_jid": m.chat_jid,
+            "wa_message_id": m.wa_id,
+            "from_me": True,
+            "sender_jid": m.sender_jid or None,
+            "text": m.text,
+            "media_type": m.media_type,
+            "status": "sent",
+            "sent_at": m.timestamp,
+            "created_at": now,
+        }
+        for m in sent
+    ]
+    await conn.execute(
+        insert_for(conn, messages).on_conflict_do_nothing(
+            index_elements=[messages.c.device_id, messages.c.wa_message_id]
+        ),
+        rows,
+    )
+    chat_rows = [
+        {
+            "id": uuid.uuid4(),
+            "device_id": device_id,
+            "jid": m.chat_jid,
+            "is_group": False,
+            "last_message_at": m.timestamp,
+            "last_message_text": _preview(m),
+            "unread_count": 0,
+            "created_at": now,
+        }
+        for m in _latest_per_chat(sent)
+    ]
+    chat = insert_for(conn, chats)
+    newer = chat.excluded.last_message_at >= chats.c.last_message_at
+    await conn.execute(
+        chat.on_conflict_do_update(
+            index_elements=[chats.c.device_id, chats.c.jid],
+            set_={
+                "last_message_at": case((newer, chat.excluded.last_message_at), else_=chats.c.last_message_at),
+                "last_message_text": case((newer, chat.excluded.last_message_text), else_=chats.c.last_message_text),
+            },
+        ),
+        chat_rows,
+    )

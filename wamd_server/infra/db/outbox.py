@@ -12,21 +12,132 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, distinct, func, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server.domain.ids import new_message_id
-from wamd_server.domain.models import CampaignStatus, OutboxItem, OutboxStatus, SourceKind
+from wamd_server.domain.models import CampaignStatus, InboundMessage, OutboxItem, OutboxStatus, SourceKind
 from wamd_server.domain.ports import Sent
-from wamd_server.infra.db.tables import campaigns, devices, leads, outbox
+from wamd_server.infra.db.engine import driver_connection, is_postgres
+from wamd_server.infra.db.messages import SENT_HISTORY_CTES_PG, sent_history_params, write_sent
+from wamd_server.infra.db.tables import campaigns, devices, distribution_reports, leads, messages, outbox
 from wamd_server.infra.db.upsert import insert_for
 
 INSERT_BATCH = 1000
+
+# The send path on Postgres, as plain SQL run by psycopg (see `driver_connection`): it runs once per batch of a
+# device, thousands of times a minute during a broadcast. Same semantics as the SQLAlchemy statements used on
+# SQLite (and kept next to them): claim due rows of one device, oldest first, skipping rows locked by another
+# claim and rows of paused or cancelled campaigns.
+_CLAIM_PG = """
+UPDATE outbox SET status = %(sending)s, attempts = attempts + 1, claimed_at = %(now)s, updated_at = %(now)s
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE device_id = %(device)s AND status = %(queued)s AND scheduled_at <= %(now)s
+      AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+    ORDER BY scheduled_at, seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
+    lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq
+"""
+# Marking a batch sent: one statement instead of one per row (executemany); the rows' own times travel as arrays
+# (`%b`: psycopg's binary format, several times cheaper to build than array literals).
+# Run on its own, or together with the batch's chat history (`record_sent`): one statement, so one transaction.
+# `(status = 'sending') IS TRUE` is `status = 'sending'` that no index can answer: the statistics see hardly any
+# `sending` row while a broadcast holds thousands, and the planner scanned all of them (index on status) for every
+# batch instead of looking the batch's ids up by primary key.
+_MARK_SENT_CTE_PG = """
+marked AS (
+    UPDATE outbox SET status = %(sent)s, sent_at = v.sent_at, server_ts = v.server_ts, updated_at = v.sent_at,
+        last_error = NULL
+    FROM unnest(%(ids)b::uuid[], %(sent_at)b::timestamptz[], %(server_ts)b::timestamptz[])
+         AS v(id, sent_at, server_ts)
+    WHERE outbox.id = v.id AND (outbox.status = %(sending)s) IS TRUE
+)
+"""
+_MARK_SENT_PG = "WITH " + _MARK_SENT_CTE_PG + "SELECT 1"
+_RECORD_SENT_PG = "WITH " + _MARK_SENT_CTE_PG + ", " + SENT_HISTORY_CTES_PG + "SELECT 1"
+# Producing on Postgres: a chunk of messages as one INSERT over arrays (one statement per row before, through
+# SQLAlchemy's executemany: a 200,000-lead broadcast took minutes to enqueue). The row count is what was new.
+_ENQUEUE_PG = """
+INSERT INTO outbox (id, seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id,
+                    source_key, wa_message_id, status, attempts, scheduled_at, min_delay_s, max_delay_s, created_at,
+                    updated_at)
+SELECT gen_random_uuid(), r.seq, r.user_id, r.device_id, r.lead_id, r.recipient, r.text, r.media_id, r.source_kind,
+       r.source_id, r.source_key, r.wa_message_id, %(queued)s, 0, r.scheduled_at, r.min_delay_s, r.max_delay_s,
+       %(now)s, %(now)s
+FROM unnest(%(seq)b::bigint[], %(user_id)b::uuid[], %(device_id)b::uuid[], %(lead_id)b::uuid[],
+            %(recipient)b::text[], %(text)b::text[], %(media_id)b::uuid[], %(source_kind)b::text[],
+            %(source_id)b::uuid[], %(source_key)b::text[], %(wa_message_id)b::text[],
+            %(scheduled_at)b::timestamptz[], %(min_delay_s)b::float8[], %(max_delay_s)b::float8[])
+     AS r(seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id, source_key,
+          wa_message_id, scheduled_at, min_delay_s, max_delay_s)
+ON CONFLICT (source_key) DO NOTHING
+"""
+ENQUEUE_CHUNK_PG = 5000
+_NEXT_DUE_PG = """
+SELECT min(scheduled_at) FROM outbox
+WHERE device_id = %(device)s AND status = %(queued)s
+  AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+"""
+_HELD = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def item_from_tuple(row: tuple[Any, ...]) -> OutboxItem:
+    """An `OutboxItem` from a row `RETURNING` the columns of `_CLAIM_PG`, as psycopg returns it."""
+    (
+        id_,
+        device_id,
+        recipient,
+        text,
+        source_kind,
+        source_key,
+        wa_message_id,
+        status,
+        scheduled_at,
+        user_id,
+        lead_id,
+        media_id,
+        source_id,
+        attempts,
+        last_error,
+        min_delay_s,
+        max_delay_s,
+        sent_at,
+        seq,
+    ) = row
+    return OutboxItem(
+        id=id_,
+        device_id=device_id,
+        recipient=recipient,
+        text=text,
+        source_kind=SourceKind(source_kind),
+        source_key=source_key,
+        wa_message_id=wa_message_id,
+        status=OutboxStatus(status),
+        scheduled_at=scheduled_at.astimezone(UTC),
+        user_id=user_id,
+        lead_id=lead_id,
+        media_id=media_id,
+        source_id=source_id,
+        attempts=attempts,
+        last_error=last_error,
+        min_delay_s=min_delay_s,
+        max_delay_s=max_delay_s,
+        sent_at=_utc(sent_at),
+        seq=seq,
+    )
 
 
 def item_from_row(row: RowMapping) -> OutboxItem:
@@ -113,6 +224,30 @@ class SqlOutboxRepository:
         """Insert new messages; those whose `source_key` exists already are skipped. Returns how many were new."""
         created = 0
         base = time.time_ns()
+        if is_postgres(self._engine):
+            for start in range(0, len(messages), ENQUEUE_CHUNK_PG):
+                chunk = messages[start : start + ENQUEUE_CHUNK_PG]
+                params = {
+                    "queued": OutboxStatus.QUEUED.value,
+                    "now": now,
+                    "seq": [base + start + i for i in range(len(chunk))],
+                    "user_id": [m.user_id for m in chunk],
+                    "device_id": [m.device_id for m in chunk],
+                    "lead_id": [m.lead_id for m in chunk],
+                    "recipient": [m.recipient for m in chunk],
+                    "text": [m.text for m in chunk],
+                    "media_id": [m.media_id for m in chunk],
+                    "source_kind": [m.source_kind.value for m in chunk],
+                    "source_id": [m.source_id for m in chunk],
+                    "source_key": [m.source_key for m in chunk],
+                    "wa_message_id": [new_message_id() for _ in chunk],
+                    "scheduled_at": [m.scheduled_at for m in chunk],
+                    "min_delay_s": [m.min_delay_s for m in chunk],
+                    "max_delay_s": [m.max_delay_s for m in chunk],
+                }
+                async with driver_connection(self._engine) as pg:
+                    created += (await pg.execute(_ENQUEUE_PG, params)).rowcount
+            return created
         for start in range(0, len(messages), INSERT_BATCH):
             rows = [
                 {
@@ -153,9 +288,20 @@ class SqlOutboxRepository:
 
         Rows of paused or cancelled campaigns wait; so do rows to recipients who opted out (the dispatcher
         cancels those when it meets them, see `cancel_opted_out`)."""
-        held = select(campaigns.c.id).where(
-            campaigns.c.status.in_([CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value])
-        )
+        if is_postgres(self._engine):
+            params = {
+                "device": device_id,
+                "now": now,
+                "limit": limit,
+                "queued": OutboxStatus.QUEUED.value,
+                "sending": OutboxStatus.SENDING.value,
+                "held": _HELD,
+            }
+            async with driver_connection(self._engine) as pg:
+                claimed = await (await pg.execute(_CLAIM_PG, params, binary=True)).fetchall()
+            items = [item_from_tuple(r) for r in claimed]
+            return sorted(items, key=lambda item: (item.scheduled_at, item.seq))
+        held = select(campaigns.c.id).where(campaigns.c.status.in_(_HELD))
         due = (
             select(outbox.c.id)
             .where(
@@ -181,9 +327,19 @@ class SqlOutboxRepository:
         return sorted(items, key=lambda item: (item.scheduled_at, item.seq))
 
     async def next_due(self, device_id: UUID) -> datetime | None:
-        """When the device's earliest queued message is due (None: nothing queued)."""
+        """When the device's earliest queued message is due (None: nothing queued). Rows of paused or cancelled
+        campaigns are not due: the lane would otherwise poll for them every 50 ms until the campaign resumes
+        (resuming wakes the lanes anyway)."""
+        if is_postgres(self._engine):
+            params = {"device": device_id, "queued": OutboxStatus.QUEUED.value, "held": _HELD}
+            async with driver_connection(self._engine) as pg:
+                row = await (await pg.execute(_NEXT_DUE_PG, params)).fetchone()
+            return _utc(row[0]) if row is not None else None
+        held = select(campaigns.c.id).where(campaigns.c.status.in_(_HELD))
         query = select(func.min(outbox.c.scheduled_at)).where(
-            outbox.c.device_id == device_id, outbox.c.status == OutboxStatus.QUEUED.value
+            outbox.c.device_id == device_id,
+            outbox.c.status == OutboxStatus.QUEUED.value,
+            (outbox.c.source_id.is_(None)) | (outbox.c.source_id.not_in(held)),
         )
         async with self._engine.connect() as conn:
             value: datetime | None = (await conn.execute(query)).scalar_one()
@@ -200,7 +356,31 @@ class SqlOutboxRepository:
             return [item_from_row(r) for r in (await conn.execute(query)).mappings()]
 
     async def mark_sent(self, sent: Sequence[Sent]) -> None:
-        if not sent:
+        await self.record_sent(None, sent, [])
+
+    async def record_sent(
+        self, device_id: UUID | None, sent: Sequence[Sent], history: Sequence[InboundMessage]
+    ) -> None:
+        """Mark acknowledged rows `sent` (only rows still `sending`: a row is settled once) and add the sends to
+        the device's chat history, in one transaction: a sent row never lacks its history message, and a batch
+        costs one commit instead of two."""
+        if not sent and not history:
+            return
+        if is_postgres(self._engine):
+            params = {
+                "ids": [s.id for s in sent],
+                "sent_at": [s.sent_at for s in sent],
+                "server_ts": [s.server_ts for s in sent],
+                "sent": OutboxStatus.SENT.value,
+                "sending": OutboxStatus.SENDING.value,
+            }
+            if device_id is not None and history:
+                params.update(sent_history_params(device_id, list(history)))
+                statement = _RECORD_SENT_PG
+            else:
+                statement = _MARK_SENT_PG
+            async with driver_connection(self._engine) as pg:
+                await pg.execute(statement, params)
             return
         stmt = (
             update(outbox)
@@ -214,7 +394,10 @@ class SqlOutboxRepository:
             )
         )
         async with self._engine.begin() as conn:
-            await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
+            if sent:
+                await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
+            if device_id is not None and history:
+                await write_sent(conn, device_id, list(history))
 
     async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None:
         await self._set(item_id, now, status=OutboxStatus.FAILED.value, last_error=error)
@@ -232,7 +415,8 @@ class SqlOutboxRepository:
             return
         stmt = (
             update(outbox)
-            .where(outbox.c.id.in_(ids), outbox.c.status == OutboxStatus.SENDING.value)
+            # By primary key, never through an index on status (see `_MARK_SENT_CTE_PG`).
+            .where(outbox.c.id.in_(ids), (outbox.c.status == OutboxStatus.SENDING.value).is_(True))
             .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts - 1, updated_at=now)
         )
         async with self._engine.begin() as conn:
@@ -390,3 +574,73 @@ class SqlOutboxRepository:
                 }
                 for r in await conn.execute(query)
             }
+
+    # --- lead distribution: the record a distributor weighs, and the report it leaves ---------------------
+
+    async def device_history(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, dict[str, int]]:
+        """Per device since `since`: messages `sent` and `failed`, and `replied`: recipients of a message it sent
+        in that time who wrote to the same device afterwards. Every device asked for has an entry."""
+        history = {device_id: {"sent": 0, "failed": 0, "replied": 0} for device_id in device_ids}
+        if not history:
+            return history
+        status = outbox.c.status
+        sent = (status == OutboxStatus.SENT.value) & (outbox.c.sent_at >= since)
+        failed = (status == OutboxStatus.FAILED.value) & (outbox.c.updated_at >= since)  # failed rows have no sent_at
+        counts = (
+            select(
+                outbox.c.device_id,
+                func.sum(case((sent, 1), else_=0)).label("sent"),
+                func.sum(case((failed, 1), else_=0)).label("failed"),
+            )
+            .where(outbox.c.device_id.in_(list(history)), sent | failed)
+            .group_by(outbox.c.device_id)
+        )
+        reply = (
+            select(messages.c.id)
+            .where(
+                messages.c.device_id == outbox.c.device_id,
+                messages.c.chat_jid == outbox.c.recipient + "@s.whatsapp.net",
+                messages.c.from_me.is_(False),
+                messages.c.sent_at > outbox.c.sent_at,
+            )
+            .exists()
+        )
+        replied = (
+            select(outbox.c.device_id, func.count(distinct(outbox.c.recipient)).label("replied"))
+            .where(outbox.c.device_id.in_(list(history)), sent, reply)
+            .group_by(outbox.c.device_id)
+        )
+        async with self._engine.connect() as conn:
+            for row in await conn.execute(counts):
+                history[row.device_id].update(sent=int(row.sent or 0), failed=int(row.failed or 0))
+            for row in await conn.execute(replied):
+                history[row.device_id]["replied"] = int(row.replied)
+        return history
+
+    async def distribution_report(self, campaign_id: UUID, plugin: str) -> dict[str, Any] | None:
+        query = select(distribution_reports.c.report).where(
+            distribution_reports.c.campaign_id == campaign_id, distribution_reports.c.plugin == plugin
+        )
+        async with self._engine.connect() as conn:
+            report = (await conn.execute(query)).scalar_one_or_none()
+        return dict(report) if report is not None else None
+
+    async def save_distribution_report(
+        self, campaign_id: UUID, plugin: str, report: dict[str, Any], now: datetime
+    ) -> None:
+        """Store (replace) `plugin`'s report on how it distributed the campaign's leads."""
+        key = [distribution_reports.c.campaign_id, distribution_reports.c.plugin]
+        async with self._engine.begin() as conn:
+            stmt = insert_for(conn, distribution_reports).values(
+                campaign_id=campaign_id, plugin=plugin, report=report, updated_at=now
+            )
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=key, set_={"report": stmt.excluded.report, "updated_at": stmt.excluded.updated_at}
+                )
+            )
+
+    async def by_source_key(self, source_key: str) -> OutboxItem | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(outbox).where(outbox.c.source_key == source_key))).mappings().first()
+        return item_from_row(row) if row else None

@@ -258,3 +258,14 @@ outbox = Table(
     Index("ix_outbox_sent", "device_id", "sent_at"),
     Index("ix_outbox_recipient", "recipient", "status"),
 )
+
+# Why a lead distribution plugin (`wamd_distribute_leads`) gave each device its share of a campaign: one JSON
+# document per campaign and plugin, deleted with the campaign. Kept out of `campaigns.options`, which users edit.
+distribution_reports = Table(
+    "distribution_reports",
+    metadata,
+    Column("campaign_id", Uuid, ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True),
+    Column("plugin", String(100), primary_key=True),
+    Column("report", JsonType, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)

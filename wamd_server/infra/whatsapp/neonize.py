@@ -105,6 +105,7 @@ from wamd_server.domain.events import (
 )
 from wamd_server.domain.models import InboundMessage, OutboundMessage, SendResult
 from wamd_server.domain.ports import Transport, TransportEventSink
+from wamd_server.infra.whatsapp.event_line import EventLine, PreAction
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,6 @@ HISTORY_CHUNK_SIZE: Final = 500
 _MS_THRESHOLD: Final = 100_000_000_000
 
 Mode = Literal["idle", "qr", "code", "restore", "paired"]
-PreAction = Callable[[], Awaitable[None]]
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -751,6 +751,7 @@ class _Session:
     __slots__ = (
         "attempt",
         "device_id",
+        "events",
         "first_qr",
         "jid",
         "live",
@@ -759,9 +760,7 @@ class _Session:
         "muted",
         "outcome",
         "pair_timer",
-        "pump",
         "qr_count",
-        "queue",
         "wanted",
     )
 
@@ -778,8 +777,7 @@ class _Session:
         self.pair_timer: asyncio.TimerHandle | None = None
         self.qr_count = 0
         self.lock = asyncio.Lock()  # one command at a time per device
-        self.queue: deque[tuple[PreAction | None, TransportEvent | None]] | None = None
-        self.pump: asyncio.Task[None] | None = None
+        self.events = EventLine()
 
     @property
     def active(self) -> bool:
@@ -913,9 +911,7 @@ class NeonizeTransport:
             # at a key Go does not know, so it returns at once.
             attempt.client.uuid = f"closed:{attempt.uuid}".encode()
         for session in sessions:
-            session.queue = None
-            if session.pump is not None:
-                session.pump.cancel()
+            session.events.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -1471,31 +1467,8 @@ class NeonizeTransport:
     # --- ordered delivery -------------------------------------------------------------------------------
 
     def _enqueue(self, session: _Session, pre: PreAction | None, event: TransportEvent | None) -> None:
-        if self._closed:
-            return
-        if session.queue is None:
-            session.queue = deque()
-        session.queue.append((pre, event))
-        if session.pump is None:
-            session.pump = self._spawn(self._pump(session))
-
-    async def _pump(self, session: _Session) -> None:
-        try:
-            while session.queue:
-                pre, event = session.queue.popleft()
-                if pre is not None:
-                    try:
-                        await pre()
-                    except Exception:
-                        log.exception("device %s: cleaning up after the session ended failed", session.device_id)
-                if event is not None and self._sink is not None:
-                    try:
-                        await self._sink(event)
-                    except Exception:
-                        log.exception("event sink failed on %s", type(event).__name__)
-        finally:
-            session.pump = None  # no await since the emptiness check: nothing queued is left behind
-            session.queue = None
+        if not self._closed:
+            session.events.push(session.device_id, pre, event, lambda: self._sink, self._spawn)
 
     # --- helpers ----------------------------------------------------------------------------------------
 

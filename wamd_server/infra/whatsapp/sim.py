@@ -14,8 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -45,6 +44,7 @@ from wamd_server.domain.events import (
 from wamd_server.domain.ids import phone_of, user_jid
 from wamd_server.domain.models import InboundMessage, OutboundMessage, SendResult
 from wamd_server.domain.ports import SessionStore, TransportEventSink
+from wamd_server.infra.whatsapp.event_line import EventLine, PreAction
 from wamd_server.infra.whatsapp.sim_link import (
     ClientLink,
     Frame,
@@ -57,14 +57,13 @@ from wamd_server.sim.network import SimNetwork
 
 log = logging.getLogger(__name__)
 
-PreAction = Callable[[], Awaitable[None]]
 LINK_LOST = "link_lost"
 
 
 class _Device:
     """What the transport knows about one device session. Small: thousands of these live at once."""
 
-    __slots__ = ("attempt", "epoch", "id", "jid", "live", "lock", "pairing", "pump", "queue", "retry", "sid", "wanted")
+    __slots__ = ("attempt", "epoch", "events", "id", "jid", "live", "lock", "pairing", "retry", "sid", "wanted")
 
     def __init__(self, device_id: UUID) -> None:
         self.id = device_id
@@ -77,8 +76,7 @@ class _Device:
         self.attempt = 0  # automatic reconnects since the last `connected`, for the growing delay
         self.retry: asyncio.TimerHandle | None = None
         self.lock = asyncio.Lock()  # one connect/disconnect/logout/pair at a time per device
-        self.queue: deque[tuple[PreAction | None, TransportEvent | None]] | None = None
-        self.pump: asyncio.Task[None] | None = None
+        self.events = EventLine()
 
     def cancel_retry(self) -> None:
         if self.retry is not None:
@@ -150,7 +148,7 @@ class SimTransport:
         for device in self._devices.values():
             device.stop()
             device.live = device.pairing = False
-            device.queue = None
+            device.events.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -385,7 +383,9 @@ class SimTransport:
         if link is None or self._closed:
             raise NotConnected("the simulator link is down")
         try:
-            return await asyncio.wait_for(link.request(frame), self._request_timeout_s)
+            # `asyncio.timeout`, not `wait_for`: no extra task per request (one per message sent).
+            async with asyncio.timeout(self._request_timeout_s):
+                return await link.request(frame)
         except LinkDown as exc:
             raise NotConnected(str(exc)) from None
         except TimeoutError:
@@ -498,31 +498,8 @@ class SimTransport:
         return drop_credentials, event
 
     def _enqueue(self, device: _Device, pre: PreAction | None, event: TransportEvent | None) -> None:
-        if self._closed:
-            return
-        if device.queue is None:
-            device.queue = deque()
-        device.queue.append((pre, event))
-        if device.pump is None:
-            device.pump = self._spawn(self._pump(device))
-
-    async def _pump(self, device: _Device) -> None:
-        try:
-            while device.queue:
-                pre, event = device.queue.popleft()
-                if pre is not None:
-                    try:
-                        await pre()
-                    except Exception:
-                        log.exception("storing credentials for %s failed", device.id)
-                if event is not None and self._sink is not None:
-                    try:
-                        await self._sink(event)
-                    except Exception:
-                        log.exception("event sink failed on %s", type(event).__name__)
-        finally:
-            device.pump = None  # no await since the emptiness check: nothing queued is left behind
-            device.queue = None
+        if not self._closed:
+            device.events.push(device.id, pre, event, lambda: self._sink, self._spawn)
 
     # --- helpers --------------------------------------------------------------------------------------
 

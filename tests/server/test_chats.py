@@ -1,0 +1,79 @@
+"""Chats WhatsApp-Web style: chat list, history, manual sends through the outbox, reading."""
+
+from __future__ import annotations
+
+from tests.conftest import Server, eventually
+
+PHONE = "60123000091"
+CONTACT = "60198000091"
+
+
+async def test_chat_list_history_send_and_read(server: Server) -> None:
+    ws = await server.ws()
+    device = await server.create_device("Desk")
+    await server.pair_by_qr(device["id"], PHONE, ws)
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"typing": False})
+    network = server.runtime.sim_network
+    assert network is not None
+    incoming = await network.contact_send(CONTACT, PHONE, "Hello, is it available?", push_name="Aisyah")
+    await ws.wait_event("message.new", device["id"])
+
+    chats = await server.ok("GET", f"/api/devices/{device['id']}/chats")
+    assert [(c["jid"], c["name"], c["unread_count"]) for c in chats["items"]] == [
+        (f"{CONTACT}@s.whatsapp.net", "Aisyah", 1)
+    ]
+    assert chats["items"][0]["last_message_text"] == "Hello, is it available?"
+    assert (await server.ok("GET", f"/api/devices/{device['id']}/chats?search=aisyah"))["items"]
+    assert not (await server.ok("GET", f"/api/devices/{device['id']}/chats?search=nobody"))["items"]
+
+    path = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
+    first = await server.ok("POST", path, json={"text": "Yes, it is!", "client_id": "msg-1"})
+    again = await server.ok("POST", path, json={"text": "Yes, it is!", "client_id": "msg-1"})  # a retry
+    assert (first["id"], first["wa_message_id"]) == (again["id"], again["wa_message_id"])
+
+    async def delivered() -> bool:
+        return any(m["wa_id"] == first["wa_message_id"] for m in network.inbox(CONTACT))
+
+    await eventually(delivered)
+    assert [m["text"] for m in network.inbox(CONTACT)] == ["Yes, it is!"]
+
+    async def in_history() -> bool:
+        items = (await server.ok("GET", path))["items"]
+        return [m["wa_id"] for m in items] == [first["wa_message_id"], incoming]
+
+    await eventually(in_history)
+    history = (await server.ok("GET", path))["items"]
+    assert [m["from_me"] for m in history] == [True, False]
+
+    assert await server.ok("POST", f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/read") == {"read": 1}
+    chats = await server.ok("GET", f"/api/devices/{device['id']}/chats")
+    assert chats["items"][0]["unread_count"] == 0
+    assert network.stats()["reads_by_devices"] >= 1
+
+
+async def test_chats_of_a_device_you_may_not_see_are_not_found(server: Server) -> None:
+    device = await server.create_device("Hidden")
+    _, staff = await server.create_user("chatty@example.com")
+    for method, path, body in [
+        ("GET", f"/api/devices/{device['id']}/chats", None),
+        ("GET", f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages", None),
+        ("POST", f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages", {"text": "hi"}),
+        ("POST", f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/read", None),
+    ]:
+        reply = await server.call(method, path, staff, json=body)
+        assert reply.status == 404, (path, reply.body)
+
+
+async def test_bad_chat_input_is_refused(server: Server) -> None:
+    device = await server.create_device("Desk")
+    base = f"/api/devices/{device['id']}/chats"
+    for path, body in [
+        (f"{base}/notajid/messages", {"text": "hi"}),
+        (f"{base}/123@g.us/messages", {"text": "hi"}),
+        (f"{base}/{CONTACT}@s.whatsapp.net/messages", {"text": ""}),
+        (f"{base}/{CONTACT}@s.whatsapp.net/messages", {"text": 5}),
+    ]:
+        reply = await server.call("POST", path, server.admin_token, json=body)
+        assert reply.status == 400, (path, body, reply.body)
+    assert (await server.call("GET", f"{base}?limit=0", server.admin_token)).status == 400
+    assert (await server.call("GET", f"{base}?before=yesterday", server.admin_token)).status == 400

@@ -705,6 +705,7 @@ def inbox_check(counts: dict[str, int], messages: int) -> dict[str, Any]:
 async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from wamd_server.config import load_config
     from wamd_server.domain.ports import BusEvent
+    from wamd_server.gc_tuning import freeze_startup_objects, tune_for_server
     from wamd_server.protocol.events import OUTBOX_QUEUED
     from wamd_server.runtime import Role, Runtime
 
@@ -719,9 +720,13 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
     )
     runtime = Runtime(load_config(env), role=Role.SERVE)
     default_gc = gc.get_threshold()
+    # As `wamd-server` runs (see wamd_server/gc_tuning.py), unless the run asks for other thresholds.
+    tune_for_server()
     if args.gc_threshold:
         gc.set_threshold(*args.gc_threshold)
+    used_gc = gc.get_threshold()
     await runtime.start(serve_http=False)
+    freeze_startup_objects()
     try:
         network = runtime.sim_network
         assert network is not None and runtime.bus is not None
@@ -747,7 +752,8 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
     finally:
         await runtime.stop()
         gc.set_threshold(*default_gc)
-    extra = {"mode": "inprocess", "processes": 1, "gc_threshold": list(args.gc_threshold or default_gc)}
+        gc.unfreeze()
+    extra = {"mode": "inprocess", "processes": 1, "gc_threshold": list(used_gc)}
     return await wamd_figures(url, args, campaign_id, progress, load, counts, stats, extra)
 
 
@@ -1037,8 +1043,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up the wamd phase after this")
     parser.add_argument(
         "--gc-threshold",
-        help="--mode inprocess: gc.set_threshold(a, b, c) for the runtime, e.g. 20000,20,100 (an experiment: "
-        "wamd-server itself runs with Python's defaults)",
+        help="--mode inprocess: gc.set_threshold(a, b, c) for the runtime instead of wamd-server's own "
+        "(wamd_server/gc_tuning.py), e.g. 700,10,10 for Python's defaults",
     )
     parser.add_argument("--pg", default=DEFAULT_PG, help="Postgres admin URL (env WAMD_BENCH_PG)")
     parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL for --mode remote (env WAMD_BENCH_REDIS)")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from wamd_server import __version__
 from wamd_server.config import Config, ConfigError, load_config
+from wamd_server.gc_tuning import freeze_startup_objects, tune_for_server
 
 if TYPE_CHECKING:
     from wamd_server.runtime import Role
@@ -127,6 +128,7 @@ async def _serve(config: Config, role: Role, *, workers: int = 0) -> int:
     from wamd_server.runtime import Role, Runtime
     from wamd_server.supervisor import WorkerSupervisor
 
+    tune_for_server()
     runtime = Runtime(config, role)
     if workers:
         runtime.check_role()  # before starting anything: --workers needs Redis (and a standalone simulator)
@@ -136,6 +138,7 @@ async def _serve(config: Config, role: Role, *, workers: int = 0) -> int:
         await runtime.start()
         if supervisor is not None:
             await supervisor.start()
+        freeze_startup_objects()
         logging.getLogger("wamd").info(
             "wamd %s listening on %s (transport %s, bus %s, %s)",
             __version__,
@@ -155,10 +158,12 @@ async def _serve(config: Config, role: Role, *, workers: int = 0) -> int:
 async def _worker(config: Config) -> int:
     from wamd_server.runtime import Role, Runtime
 
+    tune_for_server()
     runtime = Runtime(config, Role.WORKER)
     stopped = _stop_signal()
     try:
         await runtime.start()
+        freeze_startup_objects()
         await stopped
     finally:
         await runtime.stop()

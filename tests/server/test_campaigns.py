@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.conftest import Server, ServerFactory, eventually
 from wamd_server.services.clock import AcceleratedClock
 
@@ -126,8 +128,9 @@ async def test_opted_out_leads_receive_nothing(server: Server) -> None:
     assert (report["should_send"], report["done_send"]) == (2, 2)
 
 
-async def test_messages_of_leads_without_owner_move_off_a_banned_device(
-    make_server: ServerFactory, database_url: str
+@pytest.mark.parametrize("trouble", ["ban", "queue paused"])
+async def test_messages_of_leads_without_owner_move_off_a_device_that_cannot_send(
+    make_server: ServerFactory, database_url: str, trouble: str
 ) -> None:
     clock = AcceleratedClock(300)  # five minutes of being stuck pass in a second
     server = await make_server(database_url, clock=clock)
@@ -147,7 +150,10 @@ async def test_messages_of_leads_without_owner_move_off_a_banned_device(
         return slow["id"] in per_device and per_device[slow["id"]]["done_send"] >= 1
 
     await eventually(half_planned, timeout=20)
-    await server.sim("POST", "/faults", {"phone": slow["phone"], "ban_seconds": 86_400})
+    if trouble == "ban":
+        await server.sim("POST", "/faults", {"phone": slow["phone"], "ban_seconds": 86_400})
+    else:  # online all along: the five minutes count from the pause
+        await server.ok("POST", f"/api/queue/{slow['id']}/pause")
 
     async def finished() -> bool:
         report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")

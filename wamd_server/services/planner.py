@@ -33,6 +33,18 @@ STRANDED_AFTER = timedelta(minutes=5)
 MOVE_BATCH = 1000
 
 
+def _unable_since(device: Device, now: datetime) -> timedelta:
+    """How long the device has been unable to send: not online (since it was last seen), or online with its queue
+    paused (since the pause); zero when it can send."""
+    if device.status is not DeviceStatus.ONLINE:
+        since = device.last_seen_at
+    elif device.queue_paused_reason:
+        since = device.queue_paused_at
+    else:
+        return timedelta(0)
+    return now - since if since is not None else timedelta.max
+
+
 @dataclass(frozen=True)
 class Planned:
     lead: Lead
@@ -229,12 +241,7 @@ class CampaignPlanner:
         campaign that can. Leads with an owner device keep waiting for it (their conversation lives there)."""
         devices = await self.devices_of(campaign)
         now = self.clock.now()
-        stuck = [
-            d.id
-            for d in devices
-            if (d.status is not DeviceStatus.ONLINE or d.queue_paused_reason)
-            and (d.last_seen_at is None or now - d.last_seen_at > STRANDED_AFTER)
-        ]
+        stuck = [d.id for d in devices if _unable_since(d, now) > STRANDED_AFTER]
         usable = [d.id for d in devices if d.status is DeviceStatus.ONLINE and not d.queue_paused_reason]
         if not stuck or not usable:
             return 0

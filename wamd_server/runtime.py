@@ -16,7 +16,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 from uuid import UUID
 
 from aiohttp import web
@@ -128,6 +127,7 @@ class Runtime:
     _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
     _types: dict[str, CampaignTypeSpec] | None = None
     _leader: LeaderLock | None = None
+    _listener: socket.socket | None = None  # bound before anything starts, served once the API is built
 
     @property
     def url(self) -> str:
@@ -153,6 +153,9 @@ class Runtime:
     async def start(self, *, serve_http: bool = True) -> None:
         cfg = self.config
         self.check_role()
+        if serve_http and self.role is not Role.WORKER:
+            # A busy port fails the start before a device worker takes any device on.
+            self._listener = self._bind()
         await self.open_storage()
         assert self.engine is not None
 
@@ -371,6 +374,9 @@ class Runtime:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+        if self._listener is not None:  # bound, but the start failed before serving it
+            self._listener.close()
+            self._listener = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -463,18 +469,35 @@ class Runtime:
         transport: Transport = spec.create(context)
         return transport
 
+    def _bind(self) -> socket.socket:
+        host, port = self.config.host, self.config.port
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections linger
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        return sock
+
     async def _serve(self, app: web.Application) -> None:
+        sock, self._listener = self._listener, None
+        if sock is None:
+            sock = self._bind()
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port)
         try:
-            await site.start()
+            await web.SockSite(self.runner, sock).start()
         except OSError as exc:
+            sock.close()
             await self.runner.cleanup()
             self.runner = None
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from exc
-        addresses: list[Any] = self.runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self.config.port
+        self.port = int(sock.getsockname()[1])
 
 
 def redacted(url: str) -> str:

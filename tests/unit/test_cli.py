@@ -175,6 +175,8 @@ async def test_a_port_in_use_exits_1_with_one_line(env: dict[str, str], tmp_path
         )
     assert result.code == 1
     assert f"127.0.0.1:{port}" in result.one_line()
+    # It failed before touching anything: no database made, so no device worker took a device on.
+    assert not (tmp_path / "w.db").exists()
 
 
 # --- migrate -------------------------------------------------------------------------------------------------

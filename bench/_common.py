@@ -6,6 +6,7 @@ create is registered with a `Cleanup`, which undoes it in reverse order even aft
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,25 @@ def interrupt_on_signals() -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_with_cleanup(bench: Callable[[Cleanup], Coroutine[Any, Any, None]]) -> int:
+    """Run `bench(cleanup)` to the end, then the cleanup, also after a failure, Ctrl+C or SIGTERM; the exit code
+    (0, 1 after a failure, 130 after an interruption)."""
+    interrupt_on_signals()
+    cleanup = Cleanup()
+    code = 0
+    try:
+        asyncio.run(bench(cleanup))
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        code = 130
+    except Exception as exc:
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        cleanup.run()
+    return code
 
 
 def remove_tree(path: Path) -> None:

@@ -64,13 +64,13 @@ from _common import (
     drop_database,
     emit,
     free_port,
-    interrupt_on_signals,
     load_average,
     log,
     machine_cpu,
     pg_connection_budget,
     pg_database_url,
     remove_tree,
+    run_with_cleanup,
     source_revision,
     stop_all,
 )
@@ -1079,20 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(pgqueuer_child(args.pgqueuer_child, args.pgqueuer_connections, args.batch, args.pgqueuer_driver))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    interrupt_on_signals()
-    cleanup = Cleanup()
-    code = 0
-    try:
-        asyncio.run(bench(args, cleanup))
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        code = 130
-    except Exception as exc:
-        log(f"FAILED: {type(exc).__name__}: {exc}")
-        code = 1
-    finally:
-        cleanup.run()
-    return code
+    return run_with_cleanup(lambda cleanup: bench(args, cleanup))
 
 
 if __name__ == "__main__":

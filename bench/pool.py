@@ -55,12 +55,12 @@ from _common import (
     drop_database,
     emit,
     free_port,
-    interrupt_on_signals,
     log,
     machine_cpu,
     pg_connection_budget,
     pg_database_url,
     remove_tree,
+    run_with_cleanup,
     stop_all,
 )
 
@@ -855,20 +855,7 @@ def use_source(source: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     use_source(args.source)
-    interrupt_on_signals()
-    cleanup = Cleanup()
-    code = 0
-    try:
-        asyncio.run(bench(args, cleanup))
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        code = 130
-    except Exception as exc:
-        log(f"FAILED: {type(exc).__name__}: {exc}")
-        code = 1
-    finally:
-        cleanup.run()
-    return code
+    return run_with_cleanup(lambda cleanup: bench(args, cleanup))
 
 
 if __name__ == "__main__":

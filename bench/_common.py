@@ -29,6 +29,10 @@ _STARTED = time.monotonic()
 # Variables of ours that must not leak from the caller's environment into the processes a benchmark starts.
 _OWN_VARIABLES = ("DATABASE_URL", "DB_URI", "REDIS_URL", "PORT", "HOST")
 
+# The Postgres (admin) and Redis the benchmarks use unless told otherwise.
+DEFAULT_PG = os.environ.get("WAMD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+DEFAULT_REDIS = os.environ.get("WAMD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+
 
 def log(message: str) -> None:
     """A progress line on stderr, stamped with the seconds since the benchmark started."""

@@ -46,6 +46,8 @@ import aiohttp
 import psycopg
 from _common import (
     BIN,
+    DEFAULT_PG,
+    DEFAULT_REDIS,
     Cleanup,
     Proc,
     clean_env,
@@ -65,8 +67,6 @@ from _common import (
 )
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_PG = os.environ.get("WAMD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-DEFAULT_REDIS = os.environ.get("WAMD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 TARGET_COLD_START_S = 60.0
 TARGET_WORKER_KB_PER_DEVICE = 150.0

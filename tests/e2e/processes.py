@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from tests.conftest import ADMIN_EMAIL, truncate_all
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 30.0
@@ -79,3 +82,35 @@ def wamd_sim(port: int, log_dir: Path, *extra: str) -> Process:
 
 def wamd_server(env: dict[str, str], log_dir: Path, *args: str) -> Process:
     return Process([str(BIN / "wamd-server"), *args], env, log_dir / f"wamd-server-{env.get('PORT', 'demo')}.log")
+
+
+@dataclass
+class Stack:
+    """A standalone `wamd-sim` on a clean Postgres, and the environment of `wamd-server` processes using it with
+    Redis (`api_port` is free for the API)."""
+
+    sim: Process
+    sim_url: str
+    api_port: int
+    env: dict[str, str]
+
+
+async def start_stack(tmp_path: Path, pg_url: str, redis_url: str, prefix: str, **extra: str) -> Stack:
+    truncate_all(pg_url)
+    sim_port, api_port = free_port(), free_port()
+    sim = wamd_sim(sim_port, tmp_path)
+    sim.start()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    await sim.wait_http(sim_url + "/api/health")
+    env = {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "WAMD_REDIS_PREFIX": f"{prefix}-{secrets.token_hex(3)}",
+        "WAMD_TRANSPORT": "sim",
+        "WAMD_SIM_URL": sim_url,
+        "PORT": str(api_port),
+        "WAMD_ADMIN_EMAIL": ADMIN_EMAIL,
+        "WAMD_ADMIN_PASSWORD": secrets.token_urlsafe(12),
+        **extra,
+    }
+    return Stack(sim, sim_url, api_port, env)

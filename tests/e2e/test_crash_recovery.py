@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_EMAIL, truncate_all
-from tests.e2e.processes import Process, free_port, wamd_server, wamd_sim
+from tests.conftest import ADMIN_EMAIL
+from tests.e2e.processes import Process, start_stack, wamd_server
 from tests.e2e.test_device_acceptance import Client
 from tests.e2e.test_failover import wait_for_workers
 
@@ -46,23 +45,8 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> AsyncIterator[tuple[Cluster, Client]]:
-    truncate_all(pg_url)
-    sim_port, api_port = free_port(), free_port()
-    sim = wamd_sim(sim_port, tmp_path)
-    sim.start()
-    sim_url = f"http://127.0.0.1:{sim_port}"
-    await sim.wait_http(sim_url + "/api/health")
-    env = {
-        "DATABASE_URL": pg_url,
-        "REDIS_URL": redis_url,
-        "WAMD_REDIS_PREFIX": f"crash-{secrets.token_hex(3)}",
-        "WAMD_TRANSPORT": "sim",
-        "WAMD_SIM_URL": sim_url,
-        "PORT": str(api_port),
-        "WAMD_ADMIN_EMAIL": ADMIN_EMAIL,
-        "WAMD_ADMIN_PASSWORD": secrets.token_urlsafe(12),
-        "WAMD_LEASE_TTL_S": "3",
-    }
+    stack = await start_stack(tmp_path, pg_url, redis_url, "crash", WAMD_LEASE_TTL_S="3")
+    env, sim, sim_url, api_port = stack.env, stack.sim, stack.sim_url, stack.api_port
     api = wamd_server(env, tmp_path, "api")
     api.start()
     await api.wait_http(f"http://127.0.0.1:{api_port}/api/health")

@@ -4,7 +4,6 @@ devices; one worker is killed with SIGKILL and the other takes its devices over.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -14,8 +13,8 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN_EMAIL, truncate_all
-from tests.e2e.processes import Process, free_port, wamd_server, wamd_sim
+from tests.conftest import ADMIN_EMAIL
+from tests.e2e.processes import Process, start_stack, wamd_server
 from tests.e2e.test_device_acceptance import Client
 
 DEVICES = 200
@@ -25,23 +24,8 @@ TAKEOVER_DEADLINE_S = 30.0
 
 @pytest.fixture
 async def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> AsyncIterator[tuple[Client, list[Process], str]]:
-    truncate_all(pg_url)
-    sim_port, api_port = free_port(), free_port()
-    sim = wamd_sim(sim_port, tmp_path)
-    sim.start()
-    sim_url = f"http://127.0.0.1:{sim_port}"
-    await sim.wait_http(sim_url + "/api/health")
-    env = {
-        "DATABASE_URL": pg_url,
-        "REDIS_URL": redis_url,
-        "WAMD_REDIS_PREFIX": f"failover-{secrets.token_hex(3)}",
-        "WAMD_TRANSPORT": "sim",
-        "WAMD_SIM_URL": sim_url,
-        "PORT": str(api_port),
-        "WAMD_ADMIN_EMAIL": ADMIN_EMAIL,
-        "WAMD_ADMIN_PASSWORD": secrets.token_urlsafe(12),
-        "WAMD_CONNECTS_PER_SECOND": "100",
-    }
+    stack = await start_stack(tmp_path, pg_url, redis_url, "failover", WAMD_CONNECTS_PER_SECOND="100")
+    env, sim, sim_url, api_port = stack.env, stack.sim, stack.sim_url, stack.api_port
     api = wamd_server(env, tmp_path, "api")
     api.start()
     await api.wait_http(f"http://127.0.0.1:{api_port}/api/health")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.conftest import ADMIN_EMAIL, truncate_all
-from tests.e2e.processes import free_port, wamd_server, wamd_sim
+from tests.e2e.processes import start_stack, wamd_server
 
 
 def live_worker_pids(pg_url: str) -> set[int]:
@@ -31,21 +29,8 @@ async def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None
 
 
 async def test_a_killed_worker_process_is_started_again(tmp_path: Path, pg_url: str, redis_url: str) -> None:
-    truncate_all(pg_url)
-    sim_port, port = free_port(), free_port()
-    sim = wamd_sim(sim_port, tmp_path)
-    sim.start()
-    await sim.wait_http(f"http://127.0.0.1:{sim_port}/api/health")
-    env = {
-        "DATABASE_URL": pg_url,
-        "REDIS_URL": redis_url,
-        "WAMD_REDIS_PREFIX": f"sup-{secrets.token_hex(3)}",
-        "WAMD_TRANSPORT": "sim",
-        "WAMD_SIM_URL": f"http://127.0.0.1:{sim_port}",
-        "PORT": str(port),
-        "WAMD_ADMIN_EMAIL": ADMIN_EMAIL,
-        "WAMD_ADMIN_PASSWORD": secrets.token_urlsafe(12),
-    }
+    stack = await start_stack(tmp_path, pg_url, redis_url, "sup")
+    env, sim, port = stack.env, stack.sim, stack.api_port
     server = wamd_server(env, tmp_path, "--workers", "2")
     server.start()
     try:

@@ -278,7 +278,6 @@ class Runtime:
             outbox=SqlOutboxRepository(self.engine),
             devices=device_repo,
             transport=self.transport,
-            sent_log=messages,
             clock=clock,
             tz=cfg.timezone,
             veto=hooks.before_send,

@@ -75,14 +75,6 @@ class OutboxStore(Protocol):
     async def opted_out_phones(self) -> set[str]: ...
 
 
-class SentLog(Protocol):
-    """Where sent messages join the device's chat history. The dispatcher now records a batch's history through
-    `OutboxStore.record_sent` (same transaction as marking the rows sent); this stays the composition root's
-    argument and the type of message repositories."""
-
-    async def store_sent(self, device_id: UUID, messages: list[InboundMessage]) -> None: ...
-
-
 MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]
 Veto = Callable[[OutboxItem], Awaitable[str | None]]
 Suspect = Callable[[UUID], Awaitable[None]]
@@ -126,7 +118,6 @@ class Dispatcher:
         outbox: OutboxStore,
         devices: DeviceRepository,
         transport: Transport,
-        sent_log: SentLog,
         clock: Clock,
         tz: ZoneInfo,
         veto: Veto,
@@ -139,7 +130,6 @@ class Dispatcher:
         self.outbox = outbox
         self.devices = devices
         self.transport = transport
-        self.sent_log = sent_log
         self.clock = clock
         self.tz = tz
         self.veto = veto

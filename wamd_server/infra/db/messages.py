@@ -69,7 +69,6 @@ chat AS (
                                  THEN excluded.last_message_text ELSE c.last_message_text END
 )
 """
-_STORE_SENT_PG = "WITH " + SENT_HISTORY_CTES_PG + "SELECT 1"
 
 
 class SqlMessageRepository:
@@ -168,17 +167,6 @@ class SqlMessageRepository:
                 found.update((r.device_id, r.wa_message_id) for r in await conn.execute(stmt))
         return found
 
-    async def store_sent(self, device_id: UUID, sent: list[InboundMessage]) -> None:
-        """Our own sends join the chat history (one statement per table for the whole batch)."""
-        if not sent:
-            return
-        if is_postgres(self._engine):
-            async with driver_connection(self._engine) as pg:
-                await pg.execute(_STORE_SENT_PG, sent_history_params(device_id, sent))
-            return
-        async with self._engine.begin() as conn:
-            await write_sent(conn, device_id, sent)
-
 
 def _latest_per_chat(sent: list[InboundMessage]) -> list[InboundMessage]:
     """The newest message of each chat: what its preview shows (one row per chat and statement)."""
@@ -212,7 +200,8 @@ def sent_history_params(device_id: UUID, sent: list[InboundMessage]) -> dict[str
 
 
 async def write_sent(conn: AsyncConnection, device_id: UUID, sent: list[InboundMessage]) -> None:
-    """`store_sent` through SQLAlchemy (SQLite, or any dialect), inside the caller's transaction."""
+    """Our own sends join the chat history, through SQLAlchemy (SQLite, or any dialect), inside the caller's
+    transaction (one statement per table for the whole batch; Postgres uses `SENT_HISTORY_CTES_PG`)."""
     if not sent:
         return
     now = datetime.now(UTC)

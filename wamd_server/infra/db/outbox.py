@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +47,7 @@ WHERE id IN (
 RETURNING id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq
 """
+_CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)[1].split(","))
 # Marking a batch sent: one statement instead of one per row (executemany); the rows' own times travel as arrays
 # (`%b`: psycopg's binary format, several times cheaper to build than array literals).
 # Run on its own, or together with the batch's chat history (`record_sent`): one statement, so one transaction.
@@ -95,52 +96,15 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def item_from_tuple(row: tuple[Any, ...]) -> OutboxItem:
-    """An `OutboxItem` from a row `RETURNING` the columns of `_CLAIM_PG`, as psycopg returns it."""
-    (
-        id_,
-        device_id,
-        recipient,
-        text,
-        source_kind,
-        source_key,
-        wa_message_id,
-        status,
-        scheduled_at,
-        user_id,
-        lead_id,
-        media_id,
-        source_id,
-        attempts,
-        last_error,
-        min_delay_s,
-        max_delay_s,
-        sent_at,
-        seq,
-    ) = row
-    return OutboxItem(
-        id=id_,
-        device_id=device_id,
-        recipient=recipient,
-        text=text,
-        source_kind=SourceKind(source_kind),
-        source_key=source_key,
-        wa_message_id=wa_message_id,
-        status=OutboxStatus(status),
-        scheduled_at=scheduled_at.astimezone(UTC),
-        user_id=user_id,
-        lead_id=lead_id,
-        media_id=media_id,
-        source_id=source_id,
-        attempts=attempts,
-        last_error=last_error,
-        min_delay_s=min_delay_s,
-        max_delay_s=max_delay_s,
-        sent_at=_utc(sent_at),
-        seq=seq,
-    )
+    """An `OutboxItem` from a row `RETURNING` the columns of `_CLAIM_PG`, as psycopg returns it (times in the
+    session's zone, where SQLAlchemy's column type gives UTC)."""
+    values = dict(zip(_CLAIM_COLUMNS, row, strict=True))
+    values["scheduled_at"] = values["scheduled_at"].astimezone(UTC)
+    values["sent_at"] = _utc(values["sent_at"])
+    return item_from_row(values)
 
 
-def item_from_row(row: RowMapping) -> OutboxItem:
+def item_from_row(row: RowMapping | Mapping[str, Any]) -> OutboxItem:
     return OutboxItem(
         id=row["id"],
         device_id=row["device_id"],
@@ -355,12 +319,7 @@ class SqlOutboxRepository:
         async with self._engine.connect() as conn:
             return [item_from_row(r) for r in (await conn.execute(query)).mappings()]
 
-    async def mark_sent(self, sent: Sequence[Sent]) -> None:
-        await self.record_sent(None, sent, [])
-
-    async def record_sent(
-        self, device_id: UUID | None, sent: Sequence[Sent], history: Sequence[InboundMessage]
-    ) -> None:
+    async def record_sent(self, device_id: UUID, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
         """Mark acknowledged rows `sent` (only rows still `sending`: a row is settled once) and add the sends to
         the device's chat history, in one transaction: a sent row never lacks its history message, and a batch
         costs one commit instead of two."""
@@ -374,7 +333,7 @@ class SqlOutboxRepository:
                 "sent": OutboxStatus.SENT.value,
                 "sending": OutboxStatus.SENDING.value,
             }
-            if device_id is not None and history:
+            if history:
                 params.update(sent_history_params(device_id, list(history)))
                 statement = _RECORD_SENT_PG
             else:
@@ -396,7 +355,7 @@ class SqlOutboxRepository:
         async with self._engine.begin() as conn:
             if sent:
                 await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
-            if device_id is not None and history:
+            if history:
                 await write_sent(conn, device_id, list(history))
 
     async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None:

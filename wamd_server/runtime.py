@@ -35,10 +35,11 @@ from wamd_server.infra.db import migrate
 from wamd_server.infra.db.campaigns import SqlCampaignRepository
 from wamd_server.infra.db.chats import SqlChatRepository
 from wamd_server.infra.db.devices import SqlDeviceRepository
-from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.engine import create_engine, is_postgres
 from wamd_server.infra.db.leader import LeaderLock
 from wamd_server.infra.db.leads import SqlLeadRepository
 from wamd_server.infra.db.leases import SqlLeaseRepository
+from wamd_server.infra.db.locked_batch import LockedBatches
 from wamd_server.infra.db.media import SqlMediaRepository
 from wamd_server.infra.db.messages import SqlMessageRepository
 from wamd_server.infra.db.outbox import NewMessage, SqlOutboxRepository
@@ -285,6 +286,8 @@ class Runtime:
             load_media=self._load_media,
             queue=QueueControl(device_repo, clock),
             settings=DispatchSettings(send_timeout_s=cfg.send_ack_timeout_s),
+            # Half the pool's connections at most (it holds twice `db_pool_size`): the rest serve everything else.
+            locked=LockedBatches(self.engine, max_open=cfg.db_pool_size) if is_postgres(self.engine) else None,
         )
         self.pool.status_listeners.append(self.dispatcher.device_status)
         self.plugins.register(

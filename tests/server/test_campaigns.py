@@ -167,3 +167,51 @@ async def test_messages_of_leads_without_owner_move_off_a_device_that_cannot_sen
     network = server.runtime.sim_network
     assert network is not None
     assert all(len(network.inbox(f"6019{n:07d}")) == 1 for n in range(10))
+
+
+async def test_failed_sends_retry_fail_or_pause_the_queue(make_server: ServerFactory, database_url: str) -> None:
+    # Ten minutes of retry backoff pass in a few seconds; pacing is off, so on Postgres these rows go through
+    # locked batches, on SQLite through claims: the outcomes must be the same.
+    server = await make_server(database_url, clock=AcceleratedClock(200))
+    device = (await linked_devices(server, 1))[0]
+    leads = await make_leads(server, 6, [device])
+    missing = leads[0]
+    await server.sim("POST", "/faults", {"phone": missing["phone"], "not_on_whatsapp": True})
+    await server.sim("POST", "/faults", {"phone": device["phone"], "fail_rate": 1.0})
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Trouble", "message": "Hi {name}"})
+    report_path = f"/api/campaigns/{campaign['id']}/report"
+
+    async def paused() -> bool:
+        rows = (await server.ok("GET", "/api/queue"))["items"]
+        return any(r["device_id"] == device["id"] and r["pause_kind"] == "failures" for r in rows)
+
+    await eventually(paused, timeout=20)
+    # The lead not on WhatsApp failed at once, for good; with four transient failures after it, five in a row
+    # paused the queue and the last message was not tried; those five wait, none was lost.
+    report = await server.ok("GET", report_path)
+    assert (report["should_send"], report["done_send"], report["failed_send"]) == (6, 0, 1), report
+    assert report["remaining_send"] == 5, report
+    queue = next(r for r in (await server.ok("GET", "/api/queue"))["items"] if r["device_id"] == device["id"])
+    assert "5 sends in a row failed" in queue["paused_reason"], queue
+
+    await server.sim("POST", "/faults", {"phone": device["phone"], "fail_rate": 0.0})
+    await server.ok("POST", f"/api/queue/{device['id']}/resume")
+
+    async def settled() -> bool:
+        return (await server.ok("GET", report_path))["remaining_send"] == 0
+
+    await eventually(settled, timeout=30)
+    report = await server.ok("GET", report_path)
+    assert (report["should_send"], report["done_send"], report["failed_send"]) == (6, 5, 1), report
+    failed = (await server.ok("GET", f"/api/campaigns/{campaign['id']}/recipients?status=failed"))["items"]
+    assert [(r["lead_id"], r["attempts"]) for r in failed] == [(missing["id"], 1)]
+    assert "not on WhatsApp" in failed[0]["error"], failed
+    sent = (await server.ok("GET", f"/api/campaigns/{campaign['id']}/recipients?status=sent"))["items"]
+    # Four failed once and went out on their retry, the fifth at its first attempt (the pause came before it).
+    assert sorted(r["lead_id"] for r in sent) == sorted(lead["id"] for lead in leads[1:])
+    assert sorted(r["attempts"] for r in sent) == [1, 2, 2, 2, 2], sent
+    for lead in leads[1:]:
+        inbox = (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]
+        assert len(inbox) == 1, inbox
+        assert inbox[0]["wa_id"] == next(r["wa_message_id"] for r in sent if r["lead_id"] == lead["id"])
+    assert (await server.sim("GET", f"/inbox/{missing['phone']}"))["items"] == []

@@ -3,8 +3,9 @@
 A lane is the only sender of its device, so it keeps the device's send history in memory for the pacing rules.
 It re-sends first whatever the device left in `sending` (a crash between claim and result) with the same
 message ids, then claims due rows as pacing allows: one at a time when there is a gap between sends, in batches
-when pacing is off. Every attempt ends as `sent`, `failed` (with the reason), back in the queue for a later try
-(transient errors, with backoff), or `cancelled` (opted out, vetoed by a plugin).
+when pacing is off (on Postgres as a locked batch: the rows held by row locks instead of written `sending`, see
+`infra/db/locked_batch.py`). Every attempt ends as `sent`, `failed` (with the reason), back in the queue for a
+later try (transient errors, with backoff), or `cancelled` (opted out, vetoed by a plugin).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -75,6 +77,59 @@ class OutboxStore(Protocol):
     async def opted_out_phones(self) -> set[str]: ...
 
 
+class Results(Protocol):
+    """Where the results of a batch's attempts go: written at once (claimed rows) or when a locked batch ends."""
+
+    async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None: ...
+
+    async def failed(self, item_id: UUID, error: str, now: datetime) -> None: ...
+
+    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None: ...
+
+    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None: ...
+
+    async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None: ...
+
+    def expired(self) -> bool:
+        """The batch has been open long enough: leave its remaining rows to the next one."""
+        ...
+
+
+class LockedRows(Results, Protocol):
+    items: list[OutboxItem]
+
+
+class LockedBatchSource(Protocol):
+    def batch(self, device_id: UUID, now: datetime, limit: int) -> AbstractAsyncContextManager[LockedRows]: ...
+
+
+class ClaimedResults:
+    """Results of rows claimed `sending`, written as they come."""
+
+    def __init__(self, outbox: OutboxStore, device_id: UUID) -> None:
+        self._outbox = outbox
+        self._device_id = device_id
+
+    async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None:
+        await self._outbox.mark_cancelled(item_id, reason, now)
+
+    async def failed(self, item_id: UUID, error: str, now: datetime) -> None:
+        await self._outbox.mark_failed(item_id, error, now)
+
+    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None:
+        await self._outbox.retry_later(item_id, at, error, now)
+
+    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None:
+        await self._outbox.release(item_ids, now)
+
+    async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
+        if sent:
+            await self._outbox.record_sent(self._device_id, list(sent), list(history))
+
+    def expired(self) -> bool:
+        return False
+
+
 MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]
 Veto = Callable[[OutboxItem], Awaitable[str | None]]
 Suspect = Callable[[UUID], Awaitable[None]]
@@ -85,6 +140,7 @@ class SendOutcome:
     sent: Sent | None = None
     stop: bool = False  # the lane must stop (device gone)
     failed: bool = False
+    paused: bool = False  # the failure paused the device's queue: the rest of the batch waits
 
 
 class OptedOut:
@@ -126,8 +182,10 @@ class Dispatcher:
         queue: QueueControl,
         settings: DispatchSettings | None = None,
         rng: random.Random | None = None,
+        locked: LockedBatchSource | None = None,
     ) -> None:
         self.outbox = outbox
+        self.locked = locked  # None: unpaced batches are claimed `sending` too (SQLite)
         self.devices = devices
         self.transport = transport
         self.clock = clock
@@ -203,6 +261,8 @@ class Lane:
         # Rows marked `sending` and not yet settled, by id (a dict: settling one is O(1), where removing from a
         # list compared whole dataclasses, O(n) each).
         self.claimed: dict[UUID, OutboxItem] = {}
+        self.claimed_results = ClaimedResults(dispatcher.outbox, device_id)
+        self.results: Results = self.claimed_results  # of the batch being sent
 
     @property
     def done(self) -> bool:
@@ -269,14 +329,23 @@ class Lane:
             if not paced:
                 await self._take_slot()
             try:
-                batch = recovered or await d.outbox.claim(self.device_id, d.clock.now(), limit)
-                was_recovered, recovered = bool(recovered), []
-                if batch and not await self._send_batch(device, rules, batch):
-                    return
+                was_recovered = bool(recovered)
+                if not paced and not recovered and d.locked is not None:
+                    await d.opted_out.phones()  # (re)loaded before the batch holds a connection, if due
+                    async with d.locked.batch(self.device_id, d.clock.now(), limit) as locked:
+                        batch = locked.items
+                        if batch and not await self._send_batch(device, rules, batch, locked):
+                            return
+                        cut_short = locked.expired()
+                else:
+                    batch = recovered or await d.outbox.claim(self.device_id, d.clock.now(), limit)
+                    recovered, cut_short = [], False
+                    if batch and not await self._send_batch(device, rules, batch, self.claimed_results):
+                        return
             finally:
                 self._release_slot()
             self.errors = 0
-            if not batch or (not was_recovered and len(batch) < limit):
+            if not batch or (not was_recovered and not cut_short and len(batch) < limit):
                 # Nothing due, or the claim took every due row: look again when the next one is due (or when
                 # woken), not at once with a claim that would come back empty.
                 await self._idle(await self._idle_time())
@@ -321,14 +390,17 @@ class Lane:
         """Wait `seconds`, or less if woken (since the start of this round of the lane's loop)."""
         await self.d.clock.wait(self.wake, seconds)
 
-    async def _send_batch(self, device: Device, rules: PacingRules, batch: list[OutboxItem]) -> bool:
+    async def _send_batch(self, device: Device, rules: PacingRules, batch: list[OutboxItem], results: Results) -> bool:
         """Send claimed rows in order, each after its gap; False when the lane must stop."""
         d = self.d
         self.claimed = {item.id: item for item in batch}
+        self.results = results
         sent: list[Sent] = []
         try:
             opted_out = await d.opted_out.phones()
             for item in batch:
+                if sent and results.expired():
+                    break  # the rest goes to the next batch
                 # Checks and loading come before the gap, so the send follows the gap at once.
                 message = await self._prepare(item, item.recipient in opted_out)
                 if message is None:
@@ -351,6 +423,8 @@ class Lane:
                     sent.append(outcome.sent)
                 if outcome.stop:
                     return False
+                if outcome.paused:
+                    break
         finally:
             await asyncio.shield(self._record(batch, sent))
         await self._settle_on_exit()
@@ -360,7 +434,7 @@ class Lane:
         if not sent:
             return
         history = [self._as_message(item, s) for item, s in self._pairs(batch, sent)]
-        await self.d.outbox.record_sent(self.device_id, sent, history)
+        await self.results.sent(sent, history)
 
     @staticmethod
     def _pairs(batch: list[OutboxItem], sent: list[Sent]) -> list[tuple[OutboxItem, Sent]]:
@@ -385,17 +459,17 @@ class Lane:
         d = self.d
         now = d.clock.now()
         if opted_out:
-            await d.outbox.mark_cancelled(item.id, "the recipient opted out", now)
+            await self.results.cancelled(item.id, "the recipient opted out", now)
             return None
         reason = await d.veto(item)
         if reason:
-            await d.outbox.mark_cancelled(item.id, f"vetoed by a plugin: {reason}", now)
+            await self.results.cancelled(item.id, f"vetoed by a plugin: {reason}", now)
             return None
         message = OutboundMessage(wa_id=item.wa_message_id, to=item.recipient, text=item.text)
         if item.media_id is not None:
             media = await d.load_media(item.media_id)
             if media is None:
-                await d.outbox.mark_failed(item.id, "the image of this message was deleted", now)
+                await self.results.failed(item.id, "the image of this message was deleted", now)
                 return None
             message.image, message.image_mime = media
         return message
@@ -408,15 +482,14 @@ class Lane:
                 result: SendResult = await d.transport.send(self.device_id, message)
         except TimeoutError:
             # No ack: keep the message (same id) for the next attempt and have the device checked.
-            await d.outbox.release([item.id], d.clock.now())
+            await self.results.release([item.id], d.clock.now())
             await d.suspect(self.device_id)
             return SendOutcome(stop=True)
         except NotConnected:
-            await d.outbox.release([item.id], d.clock.now())
+            await self.results.release([item.id], d.clock.now())
             return SendOutcome(stop=True)
         except TransportError as exc:
-            await self._failed(item, exc)
-            return SendOutcome(failed=True)
+            return SendOutcome(failed=True, paused=await self._failed(item, exc))
         self.failures = 0
         sent_at = d.clock.now()
         self.history.add(sent_at)
@@ -431,26 +504,28 @@ class Lane:
             await self.d.transport.set_typing(self.device_id, user_jid(item.recipient), True)
             await self.d.clock.sleep(seconds)
 
-    async def _failed(self, item: OutboxItem, exc: TransportError) -> None:
+    async def _failed(self, item: OutboxItem, exc: TransportError) -> bool:
+        """Settle a failed attempt; True when the failures in a row paused the device's queue."""
         d = self.d
         now = d.clock.now()
         self.failures += 1
         if not exc.retryable:
-            await d.outbox.mark_failed(item.id, exc.message, now)
+            await self.results.failed(item.id, exc.message, now)
         elif item.attempts >= d.settings.max_attempts:
-            await d.outbox.mark_failed(item.id, f"gave up after {item.attempts} attempts: {exc.message}", now)
+            await self.results.failed(item.id, f"gave up after {item.attempts} attempts: {exc.message}", now)
         else:
             delays = d.settings.retry_delays_s
             at = now + timedelta(seconds=delays[min(item.attempts - 1, len(delays) - 1)])
-            await d.outbox.retry_later(item.id, at, exc.message, now)
-        if self.failures >= d.settings.failures_to_pause:
-            await d.queue.pause(
-                self.device_id, "failures", f"{self.failures} sends in a row failed; last: {exc.message}"
-            )
+            await self.results.retry_later(item.id, at, exc.message, now)
+        if self.failures < d.settings.failures_to_pause:
+            return False
+        await d.queue.pause(self.device_id, "failures", f"{self.failures} sends in a row failed; last: {exc.message}")
+        self.failures = 0  # counted afresh once the queue is resumed
+        return True
 
     async def _settle_on_exit(self) -> None:
         """Rows claimed but not attempted go back to the queue (same ids, attempt not counted)."""
         if self.claimed:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.d.outbox.release(list(self.claimed), self.d.clock.now()))
+                await asyncio.shield(self.results.release(list(self.claimed), self.d.clock.now()))
             self.claimed = {}

@@ -65,8 +65,11 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncC
         try:
             yield driver
         finally:
-            if not driver.closed:
+            if driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 await driver.set_autocommit(False)
+            elif not driver.closed:
+                # A statement or transaction was cut short (cancelled): the connection's state is unknown.
+                await conn.invalidate()
 
 
 def sync_url(url: str) -> str:

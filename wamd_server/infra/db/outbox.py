@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from sqlalchemy import bindparam, case, distinct, func, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -54,13 +55,15 @@ _CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)
 # `(status = 'sending') IS TRUE` is `status = 'sending'` that no index can answer: the statistics see hardly any
 # `sending` row while a broadcast holds thousands, and the planner scanned all of them (index on status) for every
 # batch instead of looking the batch's ids up by primary key.
+# `%(held_as)s` is the status the rows are held in: `sending` after a claim, `queued` in a locked batch (whose
+# attempt is then counted here, `%(counted)s`, instead of by a claim).
 _MARK_SENT_CTE_PG = """
 marked AS (
     UPDATE outbox SET status = %(sent)s, sent_at = v.sent_at, server_ts = v.server_ts, updated_at = v.sent_at,
-        last_error = NULL
+        last_error = NULL, attempts = outbox.attempts + %(counted)s
     FROM unnest(%(ids)b::uuid[], %(sent_at)b::timestamptz[], %(server_ts)b::timestamptz[])
          AS v(id, sent_at, server_ts)
-    WHERE outbox.id = v.id AND (outbox.status = %(sending)s) IS TRUE
+    WHERE outbox.id = v.id AND (outbox.status = %(held_as)s) IS TRUE
 )
 """
 _MARK_SENT_PG = "WITH " + _MARK_SENT_CTE_PG + "SELECT 1"
@@ -89,6 +92,17 @@ WHERE device_id = %(device)s AND status = %(queued)s
   AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
 """
 _HELD = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
+
+
+async def execute_record_sent(
+    pg: psycopg.AsyncConnection[Any], device_id: UUID, params: dict[str, Any], history: Sequence[InboundMessage]
+) -> None:
+    """Mark a batch sent (`params` as in `_MARK_SENT_CTE_PG`), with its chat history when there is one."""
+    if history:
+        params.update(sent_history_params(device_id, list(history)))
+        await pg.execute(_RECORD_SENT_PG, params)
+    else:
+        await pg.execute(_MARK_SENT_PG, params)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -331,15 +345,11 @@ class SqlOutboxRepository:
                 "sent_at": [s.sent_at for s in sent],
                 "server_ts": [s.server_ts for s in sent],
                 "sent": OutboxStatus.SENT.value,
-                "sending": OutboxStatus.SENDING.value,
+                "held_as": OutboxStatus.SENDING.value,
+                "counted": 0,
             }
-            if history:
-                params.update(sent_history_params(device_id, list(history)))
-                statement = _RECORD_SENT_PG
-            else:
-                statement = _MARK_SENT_PG
             async with driver_connection(self._engine) as pg:
-                await pg.execute(statement, params)
+                await execute_record_sent(pg, device_id, params, history)
             return
         stmt = (
             update(outbox)

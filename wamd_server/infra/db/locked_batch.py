@@ -1,0 +1,149 @@
+"""Locked batches: how a lane that sends without pauses (pacing off) takes its rows on Postgres.
+
+The lane selects its device's due rows `FOR UPDATE SKIP LOCKED` in an open transaction, sends them, and writes each
+row's result in the same transaction: one write per message instead of two (`sending`, then the result), which was
+the costliest part of a broadcast for the database. The row locks stand for `sending`: no other claim takes the
+rows meanwhile, and if the process dies the transaction ends with its connection and the rows are `queued` again
+with their message ids, to be sent again with the same ids, as rows left `sending` are. A batch stays open at most
+`max_open_s` (a slow network must not hold rows and a connection for long); paced lanes, the default, keep claim →
+`sending` → result, since their sends are minutes apart. At most `max_open` batches are open at once, fewer than
+the pool's connections: a lane in a batch may need a second connection (say, to reload the opt-out list), and
+batches holding every connection would wait for one another until the pool gave up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wamd_server.domain.models import CampaignStatus, InboundMessage, OutboxItem, OutboxStatus
+from wamd_server.domain.ports import Sent
+from wamd_server.infra.db.engine import driver_connection
+from wamd_server.infra.db.outbox import execute_record_sent, item_from_tuple
+
+# The due rows of `_CLAIM_PG` (same columns), locked instead of written; the attempt they are for is counted when
+# their result is written, so `attempts` comes back as it will be then.
+_LOCK_DUE_PG = """
+SELECT id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
+    lead_id, media_id, source_id, attempts + 1, last_error, min_delay_s, max_delay_s, sent_at, seq
+FROM outbox
+WHERE device_id = %(device)s AND status = %(queued)s AND scheduled_at <= %(now)s
+  AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+ORDER BY scheduled_at, seq
+LIMIT %(limit)s
+FOR UPDATE OF outbox SKIP LOCKED
+"""
+_SETTLE_PG = """
+UPDATE outbox SET status = %(status)s, last_error = %(error)s, scheduled_at = coalesce(%(at)s, scheduled_at),
+    attempts = attempts + 1, updated_at = %(now)s
+WHERE id = %(id)s
+"""
+_HELD = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
+MAX_OPEN_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Settled:
+    id: UUID
+    status: OutboxStatus
+    error: str
+    now: datetime
+    at: datetime | None = None
+
+
+class LockedBatch:
+    """The locked rows of one device and the results of their attempts, written when the batch ends."""
+
+    def __init__(self, device_id: UUID, items: list[OutboxItem], max_open_s: float) -> None:
+        self.device_id = device_id
+        self.items = items
+        self._deadline = time.monotonic() + max_open_s
+        self._settled: list[_Settled] = []
+        self._sent: list[Sent] = []
+        self._history: list[InboundMessage] = []
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self._deadline
+
+    async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None:
+        self._settled.append(_Settled(item_id, OutboxStatus.CANCELLED, reason, now))
+
+    async def failed(self, item_id: UUID, error: str, now: datetime) -> None:
+        self._settled.append(_Settled(item_id, OutboxStatus.FAILED, error, now))
+
+    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None:
+        self._settled.append(_Settled(item_id, OutboxStatus.QUEUED, error, now, at))
+
+    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None:
+        """Nothing to write: a row not settled stays `queued` when the locks go."""
+
+    async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
+        self._sent.extend(sent)
+        self._history.extend(history)
+
+    async def write(self, pg: psycopg.AsyncConnection[Any]) -> None:
+        if self._sent or self._history:
+            params = {
+                "ids": [s.id for s in self._sent],
+                "sent_at": [s.sent_at for s in self._sent],
+                "server_ts": [s.server_ts for s in self._sent],
+                "sent": OutboxStatus.SENT.value,
+                "held_as": OutboxStatus.QUEUED.value,
+                "counted": 1,
+            }
+            await execute_record_sent(pg, self.device_id, params, self._history)
+        for s in self._settled:
+            await pg.execute(
+                _SETTLE_PG, {"status": s.status.value, "error": s.error, "at": s.at, "now": s.now, "id": s.id}
+            )
+
+
+class LockedBatches:
+    """Opens locked batches on a Postgres engine (see the module's docstring)."""
+
+    def __init__(self, engine: AsyncEngine, max_open: int, max_open_s: float = MAX_OPEN_S) -> None:
+        self._engine = engine
+        self._max_open_s = max_open_s
+        self._open = asyncio.Semaphore(max_open)
+
+    @contextlib.asynccontextmanager
+    async def batch(self, device_id: UUID, now: datetime, limit: int) -> AsyncIterator[LockedBatch]:
+        """Up to `limit` due rows of the device, oldest first, locked until the block ends; the results given to
+        the batch are written and committed then, also when the block fails or is cancelled."""
+        params = {
+            "device": device_id,
+            "now": now,
+            "limit": limit,
+            "queued": OutboxStatus.QUEUED.value,
+            "held": _HELD,
+        }
+        async with self._open, driver_connection(self._engine) as pg:
+            committed = False
+            await pg.execute("BEGIN")
+            try:
+                rows = await (await pg.execute(_LOCK_DUE_PG, params, binary=True)).fetchall()
+                batch = LockedBatch(device_id, [item_from_tuple(r) for r in rows], self._max_open_s)
+                try:
+                    yield batch
+                finally:
+                    # What was sent is recorded even when the lane is cancelled meanwhile (device offline).
+                    await asyncio.shield(self._commit(pg, batch))
+                    committed = True
+            finally:
+                if not committed and not pg.closed:
+                    with contextlib.suppress(psycopg.Error):
+                        await pg.execute("ROLLBACK")
+
+    @staticmethod
+    async def _commit(pg: psycopg.AsyncConnection[Any], batch: LockedBatch) -> None:
+        await batch.write(pg)
+        await pg.execute("COMMIT")

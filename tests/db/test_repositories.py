@@ -24,8 +24,8 @@ from wamd_server.domain.errors import Conflict
 from wamd_server.domain.models import DeviceStatus, InboundMessage, Role
 from wamd_server.domain.ports import DeviceScope
 from wamd_server.infra.db import migrate
-from wamd_server.infra.db.devices import SqlDeviceRepository
-from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, SqlDeviceRepository, device_from_tuple
+from wamd_server.infra.db.engine import create_engine, driver_connection
 from wamd_server.infra.db.messages import SqlMessageRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata
@@ -350,3 +350,37 @@ async def test_device_status_values_survive_storage(engine: AsyncEngine) -> None
         assert stored is not None and (stored.status, stored.status_reason) == (status, f"now {status}")
     with pytest.raises(ValueError, match="unknown device fields"):
         await devices.set_fields(device.id, password="x")
+
+
+async def test_the_send_path_reads_a_device_as_the_repository_does(fresh_pg_url: str) -> None:
+    # Locked batches read the device with plain SQL (`DEVICE_BY_ID_PG`) in their own transaction: the same
+    # `Device`, times in UTC, as `SqlDeviceRepository.get` gives. Postgres only: SQLite has no locked batches.
+    engine = create_engine(fresh_pg_url)
+    try:
+        await migrate.upgrade(engine)
+        devices = SqlDeviceRepository(engine)
+        device = await devices.add("Plain", None, None)
+        now = datetime.now(UTC)
+        await devices.set_fields(
+            device.id,
+            status=DeviceStatus.ONLINE,
+            phone="60123000777",
+            linked_at=now - timedelta(days=3),
+            queue_paused_at=now,
+            queue_paused_reason="paused by a user",
+            quiet_start="22:00",
+            quiet_end="08:00",
+            min_delay_s=0.0,
+            typing=False,
+        )
+        expected = await devices.get(device.id, DeviceScope.everything())
+        async with driver_connection(engine) as pg:
+            await pg.execute("SET TIME ZONE 'Asia/Kuala_Lumpur'")  # times come back in the session's zone
+            row = await (await pg.execute(DEVICE_BY_ID_PG, {"device": device.id})).fetchone()
+            await pg.execute("RESET TIME ZONE")
+        assert row is not None
+        read = device_from_tuple(row)
+        assert read == expected
+        assert read.linked_at is not None and read.linked_at.utcoffset() == timedelta(0)
+    finally:
+        await engine.dispose()

@@ -97,6 +97,8 @@ class Results(Protocol):
 
 class LockedRows(Results, Protocol):
     items: list[OutboxItem]
+    device: Device | None  # as read when the batch began; None: the device is gone
+    next_due: datetime | None  # set when the batch has ended
 
 
 class LockedBatchSource(Protocol):
@@ -141,6 +143,34 @@ class SendOutcome:
     stop: bool = False  # the lane must stop (device gone)
     failed: bool = False
     paused: bool = False  # the failure paused the device's queue: the rest of the batch waits
+
+
+@dataclass
+class Round:
+    """What one claim-and-send round of a lane came to."""
+
+    stop: bool = False  # the lane must stop (device gone or offline)
+    more: bool = False  # more rows may be due at once: go on without waiting
+    device: Device | None = None  # the device as read at the start of a locked batch
+    next_due: datetime | None = None  # when the next queued row is due, if the round found out (`due_known`)
+    due_known: bool = False
+
+
+def _pace_of(device: Device) -> tuple[Any, ...]:
+    """What decides whether and how a device sends: a locked batch goes ahead only if none of it changed."""
+    return (
+        device.status,
+        device.queue_paused_reason,
+        device.min_delay_s,
+        device.max_delay_s,
+        device.hourly_cap,
+        device.daily_cap,
+        device.quiet_start,
+        device.quiet_end,
+        device.warmup_days,
+        device.linked_at,
+        device.typing,
+    )
 
 
 class OptedOut:
@@ -310,11 +340,13 @@ class Lane:
         recovered = await d.outbox.in_flight(self.device_id)
         if recovered:
             log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
+        snapshot: Device | None = None  # the device as the last locked batch read it, when no wait came since
         while True:
             # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
             # never sleeps through one that arrived while it was busy.
             self.wake.clear()
-            device = await d.devices.get(self.device_id, EVERYTHING)
+            device = snapshot or await d.devices.get(self.device_id, EVERYTHING)
+            snapshot = None
             if device is None or device.status is not DeviceStatus.ONLINE:
                 return
             if device.queue_paused_reason:
@@ -329,26 +361,49 @@ class Lane:
             if not paced:
                 await self._take_slot()
             try:
-                was_recovered = bool(recovered)
                 if not paced and not recovered and d.locked is not None:
-                    await d.opted_out.phones()  # (re)loaded before the batch holds a connection, if due
-                    async with d.locked.batch(self.device_id, d.clock.now(), limit) as locked:
-                        batch = locked.items
-                        if batch and not await self._send_batch(device, rules, batch, locked):
-                            return
-                        cut_short = locked.expired()
+                    done = await self._locked_round(d.locked, device, rules, limit)
                 else:
-                    batch = recovered or await d.outbox.claim(self.device_id, d.clock.now(), limit)
-                    recovered, cut_short = [], False
-                    if batch and not await self._send_batch(device, rules, batch, self.claimed_results):
-                        return
+                    done = await self._claimed_round(device, rules, limit, recovered)
+                    recovered = []
             finally:
                 self._release_slot()
+            if done.stop:
+                return
             self.errors = 0
-            if not batch or (not was_recovered and not cut_short and len(batch) < limit):
-                # Nothing due, or the claim took every due row: look again when the next one is due (or when
-                # woken), not at once with a claim that would come back empty.
-                await self._idle(await self._idle_time())
+            if done.more:
+                snapshot = done.device
+                continue
+            # Nothing due, or the claim took every due row: look again when the next one is due (or when woken),
+            # not at once with a claim that would come back empty.
+            due = done.next_due if done.due_known else await d.outbox.next_due(self.device_id)
+            await self._idle(self._idle_time(due))
+
+    async def _claimed_round(
+        self, device: Device, rules: PacingRules, limit: int, recovered: list[OutboxItem]
+    ) -> Round:
+        """Rows claimed `sending` (or left so by a crash), sent, each result written as it comes."""
+        batch = recovered or await self.d.outbox.claim(self.device_id, self.d.clock.now(), limit)
+        if batch and not await self._send_batch(device, rules, batch, self.claimed_results):
+            return Round(stop=True)
+        return Round(more=bool(recovered) or (bool(batch) and len(batch) == limit))
+
+    async def _locked_round(self, source: LockedBatchSource, device: Device, rules: PacingRules, limit: int) -> Round:
+        """A locked batch (unpaced, Postgres). It reads the device again in its own transaction: if the queue was
+        paused or pacing turned on since the lane looked, nothing is sent and the lane starts over with what the
+        batch read; else that reading saves the next round a query of its own."""
+        await self.d.opted_out.phones()  # (re)loaded, if due, before the batch holds a connection
+        async with source.batch(self.device_id, self.d.clock.now(), limit) as locked:
+            fresh = locked.device
+            if fresh is None:
+                return Round(stop=True)
+            if _pace_of(fresh) != _pace_of(device):
+                return Round(more=True, device=fresh)
+            batch = locked.items
+            if batch and not await self._send_batch(fresh, rules, batch, locked):
+                return Round(stop=True)
+            more = bool(batch) and (locked.expired() or len(batch) == limit)
+        return Round(more=more, device=fresh, next_due=locked.next_due, due_known=True)
 
     async def _take_slot(self) -> None:
         await self.d.active.acquire()
@@ -378,9 +433,8 @@ class Lane:
         woken = await self.d.clock.wait(self.wake, (at - now).total_seconds())
         return not woken and self.d.clock.now() >= at
 
-    async def _idle_time(self) -> float:
+    def _idle_time(self, due: datetime | None) -> float:
         """Until the next queued message is due (a retry, a scheduled send), at most the idle poll."""
-        due = await self.d.outbox.next_due(self.device_id)
         poll = self.d.settings.idle_poll_s
         if due is None:
             return poll

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Select, and_, delete, insert, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server.domain.models import RECONNECTABLE, Device, DevicePatch, DeviceStatus
 from wamd_server.domain.ports import DeviceScope
 from wamd_server.infra.db.tables import device_grants, devices
+from wamd_server.infra.db.types import UtcDateTime
 
 DEVICE_FIELDS = frozenset(
     {
@@ -43,7 +45,7 @@ DEVICE_FIELDS = frozenset(
 )
 
 
-def device_from_row(row: RowMapping) -> Device:
+def device_from_row(row: RowMapping | Mapping[str, Any]) -> Device:
     return Device(
         id=row["id"],
         name=row["name"],
@@ -70,6 +72,23 @@ def device_from_row(row: RowMapping) -> Device:
         queue_pause_kind=row["queue_pause_kind"],
         queue_paused_at=row["queue_paused_at"],
     )
+
+
+# One device by id as plain SQL, for the send path on Postgres (`locked_batch.py`): read in the batch's own
+# transaction, with no pool checkout and no SQLAlchemy statement of its own (880 µs of CPU against about 100).
+DEVICE_COLUMNS = tuple(c.name for c in devices.c)
+_PG_DIALECT = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
+DEVICE_BY_ID_PG = str(select(devices).where(devices.c.id == bindparam("device")).compile(dialect=_PG_DIALECT))
+_TIMES = tuple(c.name for c in devices.c if isinstance(c.type, UtcDateTime))
+
+
+def device_from_tuple(row: Sequence[Any]) -> Device:
+    """A `Device` from a row of `DEVICE_BY_ID_PG` as psycopg returns it (times in the session's zone)."""
+    values = dict(zip(DEVICE_COLUMNS, row, strict=True))
+    for name in _TIMES:
+        if values[name] is not None:
+            values[name] = values[name].astimezone(UTC)
+    return device_from_row(values)
 
 
 def scoped(query: Select[Any], scope: DeviceScope) -> Select[Any]:

@@ -25,10 +25,11 @@ from uuid import UUID
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from wamd_server.domain.models import CampaignStatus, InboundMessage, OutboxItem, OutboxStatus
+from wamd_server.domain.models import Device, InboundMessage, OutboxItem, OutboxStatus
 from wamd_server.domain.ports import Sent
+from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, device_from_tuple
 from wamd_server.infra.db.engine import driver_connection
-from wamd_server.infra.db.outbox import execute_record_sent, item_from_tuple
+from wamd_server.infra.db.outbox import HELD_CAMPAIGNS, NEXT_DUE_PG, execute_record_sent, item_from_tuple, utc_or_none
 
 # The due rows of `_CLAIM_PG` (same columns), locked instead of written; the attempt they are for is counted when
 # their result is written, so `attempts` comes back as it will be then.
@@ -47,7 +48,6 @@ UPDATE outbox SET status = %(status)s, last_error = %(error)s, scheduled_at = co
     attempts = attempts + 1, updated_at = %(now)s
 WHERE id = %(id)s
 """
-_HELD = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
 MAX_OPEN_S = 1.0
 
 
@@ -61,11 +61,15 @@ class _Settled:
 
 
 class LockedBatch:
-    """The locked rows of one device and the results of their attempts, written when the batch ends."""
+    """The locked rows of one device and the results of their attempts, written when the batch ends. Also the
+    device as it was when the batch began (the lane checks it is still to send unpaced) and, once the batch has
+    ended, when its next queued row is due: reads the lane would otherwise make on connections of their own."""
 
-    def __init__(self, device_id: UUID, items: list[OutboxItem], max_open_s: float) -> None:
-        self.device_id = device_id
+    def __init__(self, device_id: UUID, device: Device | None, items: list[OutboxItem], max_open_s: float) -> None:
+        self.device = device
         self.items = items
+        self.next_due: datetime | None = None
+        self._device_id = device_id
         self._deadline = time.monotonic() + max_open_s
         self._settled: list[_Settled] = []
         self._sent: list[Sent] = []
@@ -100,7 +104,7 @@ class LockedBatch:
                 "held_as": OutboxStatus.QUEUED.value,
                 "counted": 1,
             }
-            await execute_record_sent(pg, self.device_id, params, self._history)
+            await execute_record_sent(pg, self._device_id, params, self._history)
         for s in self._settled:
             await pg.execute(
                 _SETTLE_PG, {"status": s.status.value, "error": s.error, "at": s.at, "now": s.now, "id": s.id}
@@ -118,20 +122,23 @@ class LockedBatches:
     @contextlib.asynccontextmanager
     async def batch(self, device_id: UUID, now: datetime, limit: int) -> AsyncIterator[LockedBatch]:
         """Up to `limit` due rows of the device, oldest first, locked until the block ends; the results given to
-        the batch are written and committed then, also when the block fails or is cancelled."""
+        the batch are written and committed then, also when the block fails or is cancelled. No rows (and no
+        device) when the device is gone."""
         params = {
             "device": device_id,
             "now": now,
             "limit": limit,
             "queued": OutboxStatus.QUEUED.value,
-            "held": _HELD,
+            "held": HELD_CAMPAIGNS,
         }
         async with self._open, driver_connection(self._engine) as pg:
             committed = False
             await pg.execute("BEGIN")
             try:
-                rows = await (await pg.execute(_LOCK_DUE_PG, params, binary=True)).fetchall()
-                batch = LockedBatch(device_id, [item_from_tuple(r) for r in rows], self._max_open_s)
+                found = await (await pg.execute(DEVICE_BY_ID_PG, params)).fetchone()
+                rows = await (await pg.execute(_LOCK_DUE_PG, params, binary=True)).fetchall() if found else []
+                device = device_from_tuple(found) if found else None
+                batch = LockedBatch(device_id, device, [item_from_tuple(r) for r in rows], self._max_open_s)
                 try:
                     yield batch
                 finally:
@@ -146,4 +153,8 @@ class LockedBatches:
     @staticmethod
     async def _commit(pg: psycopg.AsyncConnection[Any], batch: LockedBatch) -> None:
         await batch.write(pg)
+        if batch.device is not None:
+            params = {"device": batch.device.id, "queued": OutboxStatus.QUEUED.value, "held": HELD_CAMPAIGNS}
+            row = await (await pg.execute(NEXT_DUE_PG, params)).fetchone()
+            batch.next_due = utc_or_none(row[0]) if row is not None else None
         await pg.execute("COMMIT")

@@ -86,12 +86,12 @@ FROM unnest(%(seq)b::bigint[], %(user_id)b::uuid[], %(device_id)b::uuid[], %(lea
 ON CONFLICT (source_key) DO NOTHING
 """
 ENQUEUE_CHUNK_PG = 5000
-_NEXT_DUE_PG = """
+NEXT_DUE_PG = """
 SELECT min(scheduled_at) FROM outbox
 WHERE device_id = %(device)s AND status = %(queued)s
   AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
 """
-_HELD = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
+HELD_CAMPAIGNS = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
 
 
 async def execute_record_sent(
@@ -105,7 +105,7 @@ async def execute_record_sent(
         await pg.execute(_MARK_SENT_PG, params)
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
 
 
@@ -114,7 +114,7 @@ def item_from_tuple(row: tuple[Any, ...]) -> OutboxItem:
     session's zone, where SQLAlchemy's column type gives UTC)."""
     values = dict(zip(_CLAIM_COLUMNS, row, strict=True))
     values["scheduled_at"] = values["scheduled_at"].astimezone(UTC)
-    values["sent_at"] = _utc(values["sent_at"])
+    values["sent_at"] = utc_or_none(values["sent_at"])
     return item_from_row(values)
 
 
@@ -273,13 +273,13 @@ class SqlOutboxRepository:
                 "limit": limit,
                 "queued": OutboxStatus.QUEUED.value,
                 "sending": OutboxStatus.SENDING.value,
-                "held": _HELD,
+                "held": HELD_CAMPAIGNS,
             }
             async with driver_connection(self._engine) as pg:
                 claimed = await (await pg.execute(_CLAIM_PG, params, binary=True)).fetchall()
             items = [item_from_tuple(r) for r in claimed]
             return sorted(items, key=lambda item: (item.scheduled_at, item.seq))
-        held = select(campaigns.c.id).where(campaigns.c.status.in_(_HELD))
+        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
         due = (
             select(outbox.c.id)
             .where(
@@ -309,11 +309,11 @@ class SqlOutboxRepository:
         campaigns are not due: the lane would otherwise poll for them every 50 ms until the campaign resumes
         (resuming wakes the lanes anyway)."""
         if is_postgres(self._engine):
-            params = {"device": device_id, "queued": OutboxStatus.QUEUED.value, "held": _HELD}
+            params = {"device": device_id, "queued": OutboxStatus.QUEUED.value, "held": HELD_CAMPAIGNS}
             async with driver_connection(self._engine) as pg:
-                row = await (await pg.execute(_NEXT_DUE_PG, params)).fetchone()
-            return _utc(row[0]) if row is not None else None
-        held = select(campaigns.c.id).where(campaigns.c.status.in_(_HELD))
+                row = await (await pg.execute(NEXT_DUE_PG, params)).fetchone()
+            return utc_or_none(row[0]) if row is not None else None
+        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
         query = select(func.min(outbox.c.scheduled_at)).where(
             outbox.c.device_id == device_id,
             outbox.c.status == OutboxStatus.QUEUED.value,

@@ -27,7 +27,8 @@ RECEIPT_CHUNK_PG = 10_000
 
 # Postgres: the keys as two arrays joined to the table (one index lookup each). Only messages whose status is
 # earlier are written; every message found is returned, moved or not (the batcher stops waiting for those), as
-# its position in the arrays (an integer is cheaper to read back than a uuid and a string).
+# its position in the arrays (an integer is cheaper to read back than a uuid and a string). Only the keys the
+# update did not move are looked up a second time (most receipts move their message: one lookup, not two).
 # Arrays go as `%b`, psycopg's binary format: several times cheaper to build than array literals in text.
 _MARK_STATUS_PG = """
 WITH k AS (
@@ -37,10 +38,13 @@ moved AS (
     UPDATE messages m SET status = %(status)s FROM k
     WHERE m.device_id = k.device_id AND m.wa_message_id = k.wa_message_id AND m.from_me
       AND m.status = ANY(%(earlier)s::text[])
+    RETURNING k.n
 )
-SELECT k.n FROM messages m
-JOIN k ON m.device_id = k.device_id AND m.wa_message_id = k.wa_message_id
-WHERE m.from_me
+SELECT n FROM moved
+UNION ALL
+SELECT k.n FROM k
+JOIN messages m ON m.device_id = k.device_id AND m.wa_message_id = k.wa_message_id
+WHERE m.from_me AND NOT EXISTS (SELECT 1 FROM moved WHERE moved.n = k.n)
 """
 
 # Postgres: a batch of our own sends as two data-modifying CTEs, one per table, each taking the batch as arrays

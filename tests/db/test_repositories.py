@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,12 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import PG_ADMIN
 from wamd_server.domain.errors import Conflict
-from wamd_server.domain.models import DeviceStatus, InboundMessage, Role
+from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role
 from wamd_server.domain.ports import DeviceScope
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, SqlDeviceRepository, device_from_tuple
 from wamd_server.infra.db.engine import create_engine, driver_connection
+from wamd_server.infra.db.locked_batch import LOCK_DUE_PG
 from wamd_server.infra.db.messages import SqlMessageRepository
+from wamd_server.infra.db.outbox import CLAIM_COLUMNS
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
@@ -384,3 +387,11 @@ async def test_the_send_path_reads_a_device_as_the_repository_does(fresh_pg_url:
         assert read.linked_at is not None and read.linked_at.utcoffset() == timedelta(0)
     finally:
         await engine.dispose()
+
+
+def test_rows_of_the_send_path_come_in_the_order_outbox_items_take() -> None:
+    # `item_from_tuple` unpacks claimed and locked rows by position, in the order of `OutboxItem`'s fields.
+    fields = tuple(f.name for f in dataclasses.fields(OutboxItem))
+    assert fields == CLAIM_COLUMNS
+    locked = LOCK_DUE_PG.split("FROM outbox", 1)[0].removeprefix("\nSELECT").split(",")
+    assert tuple(c.strip().replace("attempts + 1", "attempts") for c in locked) == fields

@@ -4,8 +4,9 @@ A lane is the only sender of its device, so it keeps the device's send history i
 It re-sends first whatever the device left in `sending` (a crash between claim and result) with the same
 message ids, then claims due rows as pacing allows: one at a time when there is a gap between sends, in batches
 when pacing is off (on Postgres as a locked batch: the rows held by row locks instead of written `sending`, see
-`infra/db/locked_batch.py`). Every attempt ends as `sent`, `failed` (with the reason), back in the queue for a
-later try (transient errors, with backoff), or `cancelled` (opted out, vetoed by a plugin).
+`infra/db/locked_batch.py`; results go through `batch_results.py`). Every attempt ends as `sent`, `failed` (with
+the reason), back in the queue for a later try (transient errors, with backoff), or `cancelled` (opted out,
+vetoed by a plugin).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from wamd_server.domain.errors import NotConnected, TransportError
 from wamd_server.domain.ids import user_jid
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboundMessage, OutboxItem, SendResult
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
+from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource, Results
 from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
 
@@ -75,61 +76,6 @@ class OutboxStore(Protocol):
     async def sent_since(self, device_id: UUID, since: datetime) -> list[datetime]: ...
 
     async def opted_out_phones(self) -> set[str]: ...
-
-
-class Results(Protocol):
-    """Where the results of a batch's attempts go: written at once (claimed rows) or when a locked batch ends."""
-
-    async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None: ...
-
-    async def failed(self, item_id: UUID, error: str, now: datetime) -> None: ...
-
-    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None: ...
-
-    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None: ...
-
-    async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None: ...
-
-    def expired(self) -> bool:
-        """The batch has been open long enough: leave its remaining rows to the next one."""
-        ...
-
-
-class LockedRows(Results, Protocol):
-    items: list[OutboxItem]
-    device: Device | None  # as read when the batch began; None: the device is gone
-    next_due: datetime | None  # set when the batch has ended
-
-
-class LockedBatchSource(Protocol):
-    def batch(self, device_id: UUID, now: datetime, limit: int) -> AbstractAsyncContextManager[LockedRows]: ...
-
-
-class ClaimedResults:
-    """Results of rows claimed `sending`, written as they come."""
-
-    def __init__(self, outbox: OutboxStore, device_id: UUID) -> None:
-        self._outbox = outbox
-        self._device_id = device_id
-
-    async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None:
-        await self._outbox.mark_cancelled(item_id, reason, now)
-
-    async def failed(self, item_id: UUID, error: str, now: datetime) -> None:
-        await self._outbox.mark_failed(item_id, error, now)
-
-    async def retry_later(self, item_id: UUID, at: datetime, error: str, now: datetime) -> None:
-        await self._outbox.retry_later(item_id, at, error, now)
-
-    async def release(self, item_ids: Iterable[UUID], now: datetime) -> None:
-        await self._outbox.release(item_ids, now)
-
-    async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
-        if sent:
-            await self._outbox.record_sent(self._device_id, list(sent), list(history))
-
-    def expired(self) -> bool:
-        return False
 
 
 MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]

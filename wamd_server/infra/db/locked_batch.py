@@ -33,7 +33,7 @@ from wamd_server.infra.db.outbox import HELD_CAMPAIGNS, NEXT_DUE_PG, execute_rec
 
 # The due rows of `_CLAIM_PG` (same columns), locked instead of written; the attempt they are for is counted when
 # their result is written, so `attempts` comes back as it will be then.
-_LOCK_DUE_PG = """
+LOCK_DUE_PG = """
 SELECT id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
     lead_id, media_id, source_id, attempts + 1, last_error, min_delay_s, max_delay_s, sent_at, seq
 FROM outbox
@@ -136,7 +136,7 @@ class LockedBatches:
             await pg.execute("BEGIN")
             try:
                 found = await (await pg.execute(DEVICE_BY_ID_PG, params)).fetchone()
-                rows = await (await pg.execute(_LOCK_DUE_PG, params, binary=True)).fetchall() if found else []
+                rows = await (await pg.execute(LOCK_DUE_PG, params, binary=True)).fetchall() if found else []
                 device = device_from_tuple(found) if found else None
                 batch = LockedBatch(device_id, device, [item_from_tuple(r) for r in rows], self._max_open_s)
                 try:

@@ -48,7 +48,7 @@ WHERE id IN (
 RETURNING id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq
 """
-_CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)[1].split(","))
+CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)[1].split(","))
 # Marking a batch sent: one statement instead of one per row (executemany); the rows' own times travel as arrays
 # (`%b`: psycopg's binary format, several times cheaper to build than array literals).
 # Run on its own, or together with the batch's chat history (`record_sent`): one statement, so one transaction.
@@ -109,13 +109,37 @@ def utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
 
 
-def item_from_tuple(row: tuple[Any, ...]) -> OutboxItem:
-    """An `OutboxItem` from a row `RETURNING` the columns of `_CLAIM_PG`, as psycopg returns it (times in the
-    session's zone, where SQLAlchemy's column type gives UTC)."""
-    values = dict(zip(_CLAIM_COLUMNS, row, strict=True))
-    values["scheduled_at"] = values["scheduled_at"].astimezone(UTC)
-    values["sent_at"] = utc_or_none(values["sent_at"])
-    return item_from_row(values)
+_SOURCE_KINDS = {kind.value: kind for kind in SourceKind}
+_STATUSES = {status.value: status for status in OutboxStatus}
+
+
+def item_from_tuple(row: Sequence[Any]) -> OutboxItem:
+    """An `OutboxItem` from a row `RETURNING` the columns of `_CLAIM_PG` (in that order), as psycopg returns it
+    (times in the session's zone, where SQLAlchemy's column type gives UTC). Built field by field with the enums
+    looked up in dicts: it runs for every message sent, and the generic path was 5 % of a broadcast's CPU."""
+    (item_id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
+     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq) = row  # fmt: skip
+    return OutboxItem(
+        id=item_id,
+        device_id=device_id,
+        recipient=recipient,
+        text=text,
+        source_kind=_SOURCE_KINDS[source_kind],
+        source_key=source_key,
+        wa_message_id=wa_message_id,
+        status=_STATUSES[status],
+        scheduled_at=scheduled_at.astimezone(UTC),
+        user_id=user_id,
+        lead_id=lead_id,
+        media_id=media_id,
+        source_id=source_id,
+        attempts=attempts,
+        last_error=last_error,
+        min_delay_s=min_delay_s,
+        max_delay_s=max_delay_s,
+        sent_at=None if sent_at is None else sent_at.astimezone(UTC),
+        seq=seq,
+    )
 
 
 def item_from_row(row: RowMapping | Mapping[str, Any]) -> OutboxItem:

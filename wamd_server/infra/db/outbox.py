@@ -143,27 +143,8 @@ def item_from_tuple(row: Sequence[Any]) -> OutboxItem:
 
 
 def item_from_row(row: RowMapping | Mapping[str, Any]) -> OutboxItem:
-    return OutboxItem(
-        id=row["id"],
-        device_id=row["device_id"],
-        recipient=row["recipient"],
-        text=row["text"],
-        source_kind=SourceKind(row["source_kind"]),
-        source_key=row["source_key"],
-        wa_message_id=row["wa_message_id"],
-        status=OutboxStatus(row["status"]),
-        scheduled_at=row["scheduled_at"],
-        user_id=row["user_id"],
-        lead_id=row["lead_id"],
-        media_id=row["media_id"],
-        source_id=row["source_id"],
-        attempts=row["attempts"],
-        last_error=row["last_error"],
-        min_delay_s=row["min_delay_s"],
-        max_delay_s=row["max_delay_s"],
-        sent_at=row["sent_at"],
-        seq=row["seq"],
-    )
+    """An `OutboxItem` from a row read through SQLAlchemy (any backend; times already in UTC)."""
+    return item_from_tuple([row[name] for name in CLAIM_COLUMNS])
 
 
 @dataclass(frozen=True)

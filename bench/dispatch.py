@@ -735,12 +735,7 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
         device_ids = await pair_devices(runtime, url, args.devices, args.seed_concurrency, network.scan)
         emit("seed_devices_s", round(time.monotonic() - started, 1), "s", devices=len(device_ids), mode="inprocess")
         await set_queues_paused(url, True)
-        user_id = await admin_id(url)
-        campaign_id, _ = await insert_campaign(url, user_id)
-        seed_s = await enqueue_rows(url, device_ids, args.messages, campaign_id, user_id)
-        emit("seed_rows_s", round(seed_s, 1), "s", rows=args.messages, via="SqlOutboxRepository.enqueue")
-        await vacuum(url, "outbox", "messages", "chats", "devices")
-        await asyncio.sleep(args.settle)
+        campaign_id = await seed_campaign(url, device_ids, args)
         log(f"wamd (in-process): releasing {args.messages} rows to {len(device_ids)} devices")
         with Load(args.pg, db_name(url), sample_s=args.sample_s) as load:
             released = time.monotonic()
@@ -755,6 +750,18 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
         gc.unfreeze()
     extra = {"mode": "inprocess", "processes": 1, "gc_threshold": list(used_gc)}
     return await wamd_figures(url, args, campaign_id, progress, load, counts, stats, extra)
+
+
+async def seed_campaign(url: str, device_ids: list[uuid.UUID], args: argparse.Namespace) -> uuid.UUID:
+    """A running broadcast of the admin's with `args.messages` rows over the devices, the tables vacuumed and the
+    settle time waited out: what both wamd modes release."""
+    user_id = await admin_id(url)
+    campaign_id, _ = await insert_campaign(url, user_id)
+    seed_s = await enqueue_rows(url, device_ids, args.messages, campaign_id, user_id)
+    emit("seed_rows_s", round(seed_s, 1), "s", rows=args.messages, via="SqlOutboxRepository.enqueue")
+    await vacuum(url, "outbox", "messages", "chats", "devices")
+    await asyncio.sleep(args.settle)
+    return campaign_id
 
 
 async def admin_id(url: str) -> uuid.UUID:
@@ -838,12 +845,7 @@ async def wamd_remote(dbs: Databases, args: argparse.Namespace, work: Path, clea
 
     log(f"wamd (remote): {args.workers} workers connecting {len(device_ids)} devices")
     await wait_online(url, len(device_ids), alive, 300.0)
-    user_id = await admin_id(url)
-    campaign_id, _ = await insert_campaign(url, user_id)
-    seed_s = await enqueue_rows(url, device_ids, args.messages, campaign_id, user_id)
-    emit("seed_rows_s", round(seed_s, 1), "s", rows=args.messages, via="SqlOutboxRepository.enqueue")
-    await vacuum(url, "outbox", "messages", "chats", "devices")
-    await asyncio.sleep(args.settle)
+    campaign_id = await seed_campaign(url, device_ids, args)
 
     redis = Redis.from_url(args.redis)
     bus = RedisEventBus(redis, channel_prefix=prefix)

@@ -33,7 +33,6 @@ import os
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from _common import (
     pg_database_url,
     remove_tree,
     run_with_cleanup,
+    source_revision,
     stop_all,
 )
 
@@ -76,22 +76,10 @@ POLL_S = 0.2
 ADMIN_EMAIL = "bench@example.com"
 
 
-def source_revision(source: Path | None) -> dict[str, Any]:
-    """What was measured: the working tree's commit and whether its server code had uncommitted changes, or
-    the name of the `--source` directory."""
-    if source is not None:
-        return {"source": source.name}
-    root = HERE.parent
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    return {
-        "source": "working tree",
-        "commit": git("rev-parse", "--short", "HEAD") or None,
-        "server_code_modified": bool(git("status", "--porcelain", "--", "wamd_server")),
-    }
+def measured_source(source: Path | None) -> dict[str, Any]:
+    """What was measured: the name of the `--source` directory, or the working tree's commit and whether its
+    server code had uncommitted changes."""
+    return {"source": source.name} if source is not None else source_revision(HERE.parent)
 
 
 def load_average() -> float:
@@ -643,7 +631,7 @@ async def bench(args: argparse.Namespace, cleanup: Cleanup) -> None:
         capacity=capacity,
         connects_per_second=cps,
         loadavg_1m=load_average(),
-        **source_revision(args.source),
+        **measured_source(args.source),
     )
 
     # --- phase 1: seed -------------------------------------------------------------------------------------

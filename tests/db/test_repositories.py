@@ -356,8 +356,8 @@ async def test_device_status_values_survive_storage(engine: AsyncEngine) -> None
 
 
 async def test_the_send_path_reads_a_device_as_the_repository_does(fresh_pg_url: str) -> None:
-    # Locked batches read the device with plain SQL (`DEVICE_BY_ID_PG`) in their own transaction: the same
-    # `Device`, times in UTC, as `SqlDeviceRepository.get` gives. Postgres only: SQLite has no locked batches.
+    # Locked batches and unscoped `SqlDeviceRepository.get`s read the device with plain SQL (`DEVICE_BY_ID_PG`):
+    # the same `Device`, times in UTC, as a read through SQLAlchemy gives (`list_page`, and `get` on SQLite).
     engine = create_engine(fresh_pg_url)
     try:
         await migrate.upgrade(engine)
@@ -376,7 +376,9 @@ async def test_the_send_path_reads_a_device_as_the_repository_does(fresh_pg_url:
             min_delay_s=0.0,
             typing=False,
         )
-        expected = await devices.get(device.id, DeviceScope.everything())
+        [expected] = [d for d in await devices.list_page(DeviceScope.everything(), 10, None) if d.id == device.id]
+        assert await devices.get(device.id, DeviceScope.everything()) == expected
+        assert await devices.get(uuid.uuid4(), DeviceScope.everything()) is None
         async with driver_connection(engine) as pg:
             await pg.execute("SET TIME ZONE 'Asia/Kuala_Lumpur'")  # times come back in the session's zone
             row = await (await pg.execute(DEVICE_BY_ID_PG, {"device": device.id})).fetchone()

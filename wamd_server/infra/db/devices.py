@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server.domain.models import RECONNECTABLE, Device, DevicePatch, DeviceStatus
 from wamd_server.domain.ports import DeviceScope
+from wamd_server.infra.db.engine import driver_connection, is_postgres
 from wamd_server.infra.db.tables import device_grants, devices
 from wamd_server.infra.db.types import UtcDateTime
 
@@ -74,8 +75,9 @@ def device_from_row(row: RowMapping | Mapping[str, Any]) -> Device:
     )
 
 
-# One device by id as plain SQL, for the send path on Postgres (`locked_batch.py`): read in the batch's own
-# transaction, with no pool checkout and no SQLAlchemy statement of its own (880 µs of CPU against about 100).
+# One device by id as plain SQL, for the send path on Postgres: read in a locked batch's own transaction
+# (`locked_batch.py`), with no pool checkout and no SQLAlchemy statement of its own (880 µs of CPU against about
+# 100), and by `SqlDeviceRepository.get` for unscoped reads (340 µs with the checkout).
 DEVICE_COLUMNS = tuple(c.name for c in devices.c)
 _PG_DIALECT = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
 DEVICE_BY_ID_PG = str(select(devices).where(devices.c.id == bindparam("device")).compile(dialect=_PG_DIALECT))
@@ -123,6 +125,12 @@ class SqlDeviceRepository:
         return device_from_row(row)
 
     async def get(self, device_id: UUID, scope: DeviceScope) -> Device | None:
+        if scope.user_id is None and is_postgres(self._engine):
+            # The system's reads (a dispatcher lane before each round, the device pool on every event) as plain
+            # SQL: a third of the CPU of the same read through SQLAlchemy.
+            async with driver_connection(self._engine) as pg:
+                found = await (await pg.execute(DEVICE_BY_ID_PG, {"device": device_id})).fetchone()
+            return device_from_tuple(found) if found else None
         async with self._engine.connect() as conn:
             query = scoped(select(devices).where(devices.c.id == device_id), scope)
             row = (await conn.execute(query)).mappings().first()

@@ -31,6 +31,9 @@ LEAD_PAGE = 1000
 DISTRIBUTABLE = frozenset({DeviceStatus.ONLINE, DeviceStatus.CONNECTING, DeviceStatus.OFFLINE})
 # A device that cannot send for this long hands its queued messages to leads without an owner to others.
 STRANDED_AFTER = timedelta(minutes=5)
+# How often a running campaign looks for stranded messages: soon enough next to five minutes, and it reads every
+# device of the campaign (thousands, each planner round of a large broadcast before).
+RESCUE_EVERY = timedelta(seconds=30)
 MOVE_BATCH = 1000
 # Following running campaigns counts all their rows. A count that takes longer than FOLLOW_FREE_S (a campaign of
 # hundreds of thousands of rows, a busy database) is repeated only once the planner has spent 1 / FOLLOW_BUDGET
@@ -204,6 +207,7 @@ class CampaignPlanner:
         self.rr_offset = 0
         self._last_progress: dict[UUID, tuple[int, int, int, int]] = {}
         self._follow_after = 0.0  # monotonic time before which `follow` does not count again
+        self._rescued_at: dict[UUID, datetime] = {}  # last look for stranded messages, per running campaign
 
     async def tick(self) -> None:
         now = self.clock.now()
@@ -267,9 +271,14 @@ class CampaignPlanner:
         tallies = await self.outbox.tally_many([c.id for c in running])
         took = time.monotonic() - started
         self._follow_after = started + took / FOLLOW_BUDGET if took > FOLLOW_FREE_S else 0.0
+        now = self.clock.now()
+        self._rescued_at = {c.id: self._rescued_at[c.id] for c in running if c.id in self._rescued_at}
         for campaign in running:
             if campaign.status is CampaignStatus.RUNNING and tallies[campaign.id].remaining_send:
-                await self.rescue(campaign)
+                last = self._rescued_at.get(campaign.id)
+                if last is None or now - last >= RESCUE_EVERY:
+                    self._rescued_at[campaign.id] = now
+                    await self.rescue(campaign)
             tally = tallies[campaign.id]
             numbers = (tally.should_send, tally.done_send, tally.failed_send, tally.remaining_send)
             finished = campaign.status is CampaignStatus.RUNNING and tally.remaining_send == 0

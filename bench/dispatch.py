@@ -128,9 +128,16 @@ def sqlalchemy_url(url: str) -> str:
 
 
 async def vacuum(url: str, *tables: str) -> None:
+    """`VACUUM ANALYZE` the phase's tables, then a `CHECKPOINT`: every phase starts with no other phase's writes
+    waiting to be flushed, and with its first change to each page logged in full (as a phase that happened to meet
+    a checkpoint would), so the phases of a run pay the same for the WAL."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for table in tables:
             await conn.execute(f"VACUUM ANALYZE {table}")
+        try:
+            await conn.execute("CHECKPOINT")
+        except psycopg.errors.InsufficientPrivilege:
+            log("  (no CHECKPOINT before the phase: the role may not; phases may pay unevenly for the WAL)")
 
 
 async def migrated_engine(url: str, pool_size: int = 5) -> Any:

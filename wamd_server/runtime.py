@@ -59,6 +59,7 @@ from wamd_server.services.device_pool import DevicePool
 from wamd_server.services.device_router import DeviceRouter
 from wamd_server.services.devices import DeviceService, scope_of
 from wamd_server.services.dispatcher import Dispatcher, DispatchSettings
+from wamd_server.services.history import HistoryWriter
 from wamd_server.services.hooks import HookCaller
 from wamd_server.services.leads import LeadService
 from wamd_server.services.media import MediaService
@@ -114,6 +115,7 @@ class Runtime:
     worker: DeviceWorker | None = None
     router: DeviceRouter | None = None
     dispatcher: Dispatcher | None = None
+    _history: HistoryWriter | None = None
     planner_loop: PlannerLoop | None = None
     sim_network: SimNetwork | None = None
     app: web.Application | None = None
@@ -275,6 +277,8 @@ class Runtime:
             connects_per_second=cfg.connects_per_second,
             owns=lambda device_id: device_id in held,
         )
+        # Locked batches' sends join the chat history a moment later, with the receipts that came meanwhile.
+        self._history = HistoryWriter(messages, self.pool.receipts) if is_postgres(self.engine) else None
         self.dispatcher = Dispatcher(
             outbox=SqlOutboxRepository(self.engine),
             devices=device_repo,
@@ -288,6 +292,7 @@ class Runtime:
             settings=DispatchSettings(send_timeout_s=cfg.send_ack_timeout_s),
             # Half the pool's connections at most (it holds twice `db_pool_size`): the rest serve everything else.
             locked=LockedBatches(self.engine, max_open=cfg.db_pool_size) if is_postgres(self.engine) else None,
+            history=self._history,
         )
         self.pool.status_listeners.append(self.dispatcher.device_status)
         self.plugins.register(
@@ -391,6 +396,9 @@ class Runtime:
         if self.dispatcher is not None:
             await self.dispatcher.close()
             self.dispatcher = None
+        if self._history is not None:
+            await self._history.close()
+            self._history = None
         if self._commands is not None:
             await self._commands.close()
             self._commands = None

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import PG_ADMIN
 from wamd_server.domain.errors import Conflict
+from wamd_server.domain.events import Receipt, ReceiptType
 from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role
 from wamd_server.domain.ports import DeviceScope
 from wamd_server.infra.db import migrate
@@ -33,6 +34,8 @@ from wamd_server.infra.db.outbox import CLAIM_COLUMNS
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
+from wamd_server.services.history import HistoryWriter
+from wamd_server.services.receipts import ReceiptBatcher
 from wamd_server.services.users import UserService
 
 EVERYTHING = DeviceScope.everything()
@@ -324,6 +327,61 @@ async def test_receipts_only_move_a_message_forward(engine: AsyncEngine) -> None
     # Another device's message id, and a message not stored yet, are not found.
     assert await repo.mark_status([(uuid.uuid4(), "OUT2"), (d, "NOT-YET")], "read") == set()
     assert await status("OUT2") == "delivered"
+
+
+async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: AsyncEngine) -> None:
+    """Unpaced sends join the chat history a moment after they went out (`HistoryWriter`): the receipts that
+    arrive meanwhile are not looked up in vain but stored with their messages, and announced all the same; a
+    message stored already only moves forward."""
+    devices, repo = SqlDeviceRepository(engine), SqlMessageRepository(engine)
+    device = await devices.add("Later history", None, None)
+    d = device.id
+    looked_up: list[list[tuple[UUID, str]]] = []
+    announced: list[Receipt] = []
+
+    class Store:
+        async def mark_status(self, keys: list[tuple[UUID, str]], status: str) -> set[tuple[UUID, str]]:
+            looked_up.append(keys)
+            return await repo.mark_status(keys, status)
+
+    async def announce(receipts: list[Receipt]) -> None:
+        announced.extend(receipts)
+
+    async def status(wa_id: str) -> str | None:
+        async with engine.connect() as conn:
+            query = select(messages.c.status).where(messages.c.device_id == d, messages.c.wa_message_id == wa_id)
+            return (await conn.execute(query)).scalar_one_or_none()  # type: ignore[no-any-return]
+
+    def ours(wa_id: str) -> InboundMessage:
+        return inbound(wa_id, f"text of {wa_id}", T0, from_me=True)
+
+    receipts = ReceiptBatcher(Store(), announce)
+    writer = HistoryWriter(repo, receipts)
+    writer.add(d, [ours("H1"), ours("H2"), ours("H2")])  # H2 handed over twice (a lane retried its batch)
+    receipts.add(Receipt(d, CONTACT_JID, ("H1", "H2"), ReceiptType.DELIVERED, T0))
+    receipts.add(Receipt(d, CONTACT_JID, ("H1",), ReceiptType.READ, T0))
+    await receipts.flush()
+    assert (looked_up, announced) == ([], [])  # the messages are not stored yet: nobody looks for them
+    await writer.flush()
+    assert (await status("H1"), await status("H2")) == ("read", "delivered")
+    assert await message_count(engine, d) == 2
+    await receipts.flush()
+    assert looked_up == []
+    assert sorted((r.type.value, r.message_ids) for r in announced) == [
+        ("delivered", ("H1", "H2")),
+        ("read", ("H1",)),
+    ]
+
+    # A receipt after the history was stored is stored as receipts are; a later store never moves a status back.
+    announced.clear()
+    receipts.add(Receipt(d, CONTACT_JID, ("H2",), ReceiptType.READ, T0))
+    await receipts.flush()
+    assert looked_up == [[(d, "H2")]] and [(r.type.value, r.message_ids) for r in announced] == [("read", ("H2",))]
+    writer.add(d, [ours("H1")])
+    await writer.close()
+    await receipts.close()
+    assert (await status("H1"), await status("H2")) == ("read", "read")
+    assert await message_count(engine, d) == 2
 
 
 # --- transport sessions ----------------------------------------------------------------------------------------

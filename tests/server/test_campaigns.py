@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
-from tests.conftest import Server, ServerFactory, eventually
+from tests.conftest import Server, ServerFactory, eventually, truncate_all
+from wamd_server.infra.db.tables import messages
 from wamd_server.services.clock import AcceleratedClock
 
 FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
@@ -228,3 +231,45 @@ async def test_failed_sends_retry_fail_or_pause_the_queue(make_server: ServerFac
     assert [(r["lead_id"], r["attempts"]) for r in failed] == [(missing["id"], 1)]
     assert "not on WhatsApp" in failed[0]["error"], failed
     assert (await server.sim("GET", f"/inbox/{missing['phone']}"))["items"] == []
+
+
+async def test_sends_missing_from_the_chat_history_are_added_when_the_device_starts_sending(
+    make_server: ServerFactory, pg_url: str
+) -> None:
+    # Unpaced sends on Postgres join the chat history a moment after they went out; a crash in that moment
+    # leaves sent rows without their history message (removed here by hand): the device's lane adds them when it
+    # starts again.
+    truncate_all(pg_url)
+    server = await make_server(pg_url)
+    [device] = await linked_devices(server, 1)
+    leads = await make_leads(server, 5, [device])
+    campaign = await server.ok(
+        "POST", "/api/campaigns", json={"title": "Later", "message": "Hi {name}", "niche": "property"}
+    )
+    history = f"/api/devices/{device['id']}/chats"
+
+    async def sent_and_stored() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        chats = (await server.ok("GET", history))["items"]
+        return report["done_send"] == 5 and len(chats) == 5
+
+    await eventually(sent_and_stored, timeout=30)
+    engine = server.runtime.engine
+    assert engine is not None and server.runtime.dispatcher is not None
+    jid = f"{leads[0]['phone'].lstrip('+')}@s.whatsapp.net"
+    async with engine.begin() as conn:
+        await conn.execute(delete(messages).where(messages.c.chat_jid == jid))
+    chat = f"{history}/{jid}/messages"
+    assert (await server.ok("GET", chat))["items"] == []
+
+    server.runtime.dispatcher.stop(uuid.UUID(device["id"]))
+    server.runtime.dispatcher.start(uuid.UUID(device["id"]))
+
+    async def restored() -> bool:
+        return len((await server.ok("GET", chat))["items"]) == 1
+
+    await eventually(restored, timeout=10)
+    [message] = (await server.ok("GET", chat))["items"]
+    assert message["from_me"] and message["text"] == f"Hi {leads[0]['name']}"
+    network = server.runtime.sim_network
+    assert network is not None and len(network.inbox(leads[0]["phone"].lstrip("+"))) == 1  # not sent again

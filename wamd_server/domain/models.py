@@ -100,6 +100,7 @@ class InboundMessage:
     push_name: str | None = None
     media_type: str | None = None
     sender_lid: str | None = None
+    status: str | None = None  # our own sends as we store them: the latest receipt already known (None: sent)
 
 
 @dataclass

@@ -112,7 +112,7 @@ class DevicePool:
         self._adopt: asyncio.Queue[UUID] = asyncio.Queue()
         self._online: set[UUID] = set()  # connected, as the last transport event said
         self._retries: dict[UUID, int] = {}  # reconnects since the device was last online, for the backoff
-        self._receipts = ReceiptBatcher(messages, self._announce_receipts)
+        self.receipts = ReceiptBatcher(messages, self._announce_receipts)
         self._locks: dict[UUID, asyncio.Lock] = {}
         self._wanted: set[UUID] = set()
         self._outcomes: dict[UUID, list[asyncio.Future[DeviceStatus]]] = {}
@@ -159,8 +159,8 @@ class DevicePool:
             self._notify(device.id, DeviceStatus.OFFLINE)
             await self._publish(device_events.status_event(device, self._clock.now()))
         await self.transport.close()
-        await self._receipts.flush()
-        await self._receipts.close()
+        await self.receipts.flush()
+        await self.receipts.close()
 
     def adopt(self, device_id: UUID) -> None:
         """Connect a device this worker now runs, from its stored session, paced with the others."""
@@ -503,7 +503,7 @@ class DevicePool:
             await self._hooks.message_received(device, event.message)
 
     async def _on_receipt(self, event: te.Receipt) -> None:
-        self._receipts.add(event)
+        self.receipts.add(event)
 
     async def _announce_receipts(self, receipts: list[te.Receipt]) -> None:
         per_device: dict[UUID, int] = {}

@@ -4,9 +4,9 @@ A lane is the only sender of its device, so it keeps the device's send history i
 It re-sends first whatever the device left in `sending` (a crash between claim and result) with the same
 message ids, then claims due rows as pacing allows: one at a time when there is a gap between sends, in batches
 when pacing is off (on Postgres as a locked batch: the rows held by row locks instead of written `sending`, see
-`infra/db/locked_batch.py`; results go through `batch_results.py`). Every attempt ends as `sent`, `failed` (with
-the reason), back in the queue for a later try (transient errors, with backoff), or `cancelled` (opted out,
-vetoed by a plugin).
+`infra/db/locked_batch.py`; results go through `batch_results.py`; the chat history of those sends is written a
+moment later, see `history.py`). Every attempt ends as `sent`, `failed` (with the reason), back in the queue for
+a later try (transient errors, with backoff), or `cancelled` (opted out, vetoed by a plugin).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from wamd_server.services.queue import QueueControl
 log = logging.getLogger(__name__)
 
 EVERYTHING = DeviceScope.everything()
+# How far back a starting lane looks for sends missing from the chat history (a crash before their delayed write).
+HISTORY_REPAIR_WINDOW = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,16 @@ class OutboxStore(Protocol):
     async def sent_since(self, device_id: UUID, since: datetime) -> list[datetime]: ...
 
     async def opted_out_phones(self) -> set[str]: ...
+
+    async def sent_without_history(self, device_id: UUID, since: datetime) -> list[tuple[OutboxItem, Sent]]:
+        """Rows the device sent since `since` whose message is missing from its chat history."""
+        ...
+
+
+class HistorySink(Protocol):
+    def add(self, device_id: UUID, sent: list[InboundMessage]) -> None:
+        """Store these sends in the device's chat history a moment later (see `services/history.py`)."""
+        ...
 
 
 MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]
@@ -159,9 +171,11 @@ class Dispatcher:
         settings: DispatchSettings | None = None,
         rng: random.Random | None = None,
         locked: LockedBatchSource | None = None,
+        history: HistorySink | None = None,
     ) -> None:
         self.outbox = outbox
         self.locked = locked  # None: unpaced batches are claimed `sending` too (SQLite)
+        self.history = history  # where locked batches' sends go for the chat history (None: with the batch)
         self.devices = devices
         self.transport = transport
         self.clock = clock
@@ -286,6 +300,8 @@ class Lane:
         recovered = await d.outbox.in_flight(self.device_id)
         if recovered:
             log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
+        if d.history is not None:
+            await self._restore_history(now)
         snapshot: Device | None = None  # the device as the last locked batch read it, when no wait came since
         while True:
             # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
@@ -434,7 +450,19 @@ class Lane:
         if not sent:
             return
         history = [self._as_message(item, s) for item, s in self._pairs(batch, sent)]
-        await self.results.sent(sent, history)
+        if self.d.history is not None and self.results is not self.claimed_results:
+            await self.results.sent(sent, [])
+            self.d.history.add(self.device_id, history)
+        else:
+            await self.results.sent(sent, history)
+
+    async def _restore_history(self, now: datetime) -> None:
+        """Sends whose history a crash kept from being stored (see `services/history.py`) are stored now."""
+        missing = await self.d.outbox.sent_without_history(self.device_id, now - HISTORY_REPAIR_WINDOW)
+        if missing:
+            log.info("device %s: adding %d sent messages to the chat history", self.device_id, len(missing))
+            history = [self._as_message(item, s) for item, s in missing]
+            await self.d.outbox.record_sent(self.device_id, [], history)
 
     @staticmethod
     def _pairs(batch: list[OutboxItem], sent: list[Sent]) -> list[tuple[OutboxItem, Sent]]:

@@ -2,7 +2,9 @@
 
 WhatsApp sends one receipt per message; a broadcast means thousands per minute. They are collected for a moment
 and stored with one statement per status. A receipt can overtake the storing of its message (sends are recorded
-after their batch): those wait and are tried again for a while.
+after their batch; a broadcast's chat history a moment later, see `history.py`): the history writer takes those
+(`take`) and stores the status with the message, which spares the message a second write; the others wait and
+are tried again for a while.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Protocol
 from uuid import UUID
@@ -27,6 +29,8 @@ class StatusStore(Protocol):
 
 
 Announce = Callable[[list[Receipt]], Awaitable[None]]
+# Delivered before read before played, so a message's status only moves forward.
+KINDS = (ReceiptType.DELIVERED, ReceiptType.READ, ReceiptType.PLAYED)
 
 
 class ReceiptBatcher:
@@ -39,18 +43,51 @@ class ReceiptBatcher:
         self._keep_s = keep_unmatched_s
         # status -> key -> (chat, first seen); a later status of the same message replaces nothing: both apply.
         self._pending: dict[ReceiptType, dict[Key, tuple[str, float]]] = {}
+        # Taken to be stored with their messages: announced with the next flush.
+        self._taken: dict[ReceiptType, dict[Key, tuple[str, float]]] = {}
+        # Messages about to be stored by someone who will take their receipts, and the receipts that came for
+        # them meanwhile (status -> key -> …): those are not looked up, the taker stores them.
+        self._held: set[Key] = set()
+        self._parked: dict[ReceiptType, dict[Key, tuple[str, float]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add(self, receipt: Receipt) -> None:
         bucket = self._pending.setdefault(receipt.type, {})
+        parked = self._parked.setdefault(receipt.type, {}) if self._held else bucket
         now = time.monotonic()
         for wa_id in receipt.message_ids:
-            bucket.setdefault((receipt.device_id, wa_id), (receipt.chat_jid, now))
+            key = (receipt.device_id, wa_id)
+            (parked if key in self._held else bucket).setdefault(key, (receipt.chat_jid, now))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="receipt-batcher")
 
+    def hold(self, keys: Iterable[Key]) -> None:
+        """These messages are about to be stored by the caller, who will `take` their receipts: their receipts
+        wait for that instead of being looked up in vain meanwhile."""
+        self._held.update(keys)
+
+    def take(self, keys: Iterable[Key]) -> dict[Key, str]:
+        """The latest status of each of these messages whose receipt came before the message was stored, no
+        longer waiting here (nor held): the caller stores it with the message. Announced with the next flush, as
+        if found then."""
+        taken: dict[Key, str] = {}
+        wanted = list(keys)
+        self._held.difference_update(wanted)
+        for kind in KINDS:
+            for bucket in (self._parked.get(kind), self._pending.get(kind)):
+                if not bucket:
+                    continue
+                for key in wanted:
+                    entry = bucket.pop(key, None)
+                    if entry is not None:
+                        taken[key] = kind.value  # a later kind comes later in KINDS and wins
+                        self._taken.setdefault(kind, {}).setdefault(key, entry)
+        if self._taken and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="receipt-batcher")
+        return taken
+
     async def _run(self) -> None:
-        while self._pending:
+        while self._pending or self._taken:
             await asyncio.sleep(self._flush_s)
             try:
                 await self.flush()
@@ -59,24 +96,24 @@ class ReceiptBatcher:
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        taken, self._taken = self._taken, {}
         now = time.monotonic()
         announced: list[Receipt] = []
-        # Delivered before read before played, so a message's status only moves forward.
-        kinds = (ReceiptType.DELIVERED, ReceiptType.READ, ReceiptType.PLAYED)
-        for i, kind in enumerate(kinds):
-            bucket = pending.get(kind)
-            if not bucket:
-                continue
+        for i, kind in enumerate(KINDS):
+            bucket = pending.get(kind, {})
+            by_chat: dict[tuple[UUID, str], list[str]] = {}
+            for key, (chat, _) in taken.get(kind, {}).items():
+                by_chat.setdefault((key[0], chat), []).append(key[1])
             try:
-                found = await self._store.mark_status(list(bucket), kind.value)
+                found = await self._store.mark_status(list(bucket), kind.value) if bucket else set()
             except BaseException:
                 # Not stored: this bucket and the ones after it wait for the next flush (with what arrived
-                # meanwhile), instead of being dropped.
-                for later in kinds[i:]:
-                    for key, value in pending.get(later, {}).items():
-                        self._pending.setdefault(later, {}).setdefault(key, value)
+                # meanwhile), instead of being dropped; so do the announcements of taken receipts.
+                for later in KINDS[i:]:
+                    for waiting, kept in ((pending, self._pending), (taken, self._taken)):
+                        for key, value in waiting.get(later, {}).items():
+                            kept.setdefault(later, {}).setdefault(key, value)
                 raise
-            by_chat: dict[tuple[UUID, str], list[str]] = {}
             for key, (chat, seen) in bucket.items():
                 if key in found:
                     by_chat.setdefault((key[0], chat), []).append(key[1])

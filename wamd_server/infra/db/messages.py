@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -48,24 +49,29 @@ WHERE m.from_me AND NOT EXISTS (SELECT 1 FROM moved WHERE moved.n = k.n)
 """
 
 # Postgres: a batch of our own sends as two data-modifying CTEs, one per table, each taking the batch as arrays
-# (instead of one statement per row); the outbox runs them in the statement that marks the batch sent. Row ids
-# come from gen_random_uuid() (Postgres 13+) rather than from Python.
+# (instead of one statement per row); the outbox runs them in the statement that marks a claimed batch sent, the
+# history writer (`services/history.py`) on its own for the sends of many devices. Row ids come from
+# gen_random_uuid() (Postgres 13+) rather than from Python. A message goes in with the status of the receipts that
+# overtook it (`InboundMessage.status`); one stored already only moves forward.
 SENT_HISTORY_CTES_PG = """
 history AS (
     INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
                           sent_at, created_at)
-    SELECT gen_random_uuid(), %(h_device)s, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
-           'sent', m.sent_at, %(h_now)s
-    FROM unnest(%(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[], %(h_texts)b::text[],
-                %(h_media)b::text[], %(h_times)b::timestamptz[])
-         AS m(chat_jid, wa_message_id, sender_jid, text, media_type, sent_at)
-    ON CONFLICT (device_id, wa_message_id) DO NOTHING
+    SELECT gen_random_uuid(), m.device_id, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
+           m.status, m.sent_at, %(h_now)s
+    FROM unnest(%(h_devices)b::uuid[], %(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[],
+                %(h_texts)b::text[], %(h_media)b::text[], %(h_times)b::timestamptz[], %(h_status)b::text[])
+         AS m(device_id, chat_jid, wa_message_id, sender_jid, text, media_type, sent_at, status)
+    ON CONFLICT (device_id, wa_message_id) DO UPDATE SET status = excluded.status
+    WHERE array_position(%(h_order)s::text[], excluded.status)
+          > coalesce(array_position(%(h_order)s::text[], messages.status), 0)
 ),
 chat AS (
     INSERT INTO chats AS c (id, device_id, jid, is_group, last_message_at, last_message_text, unread_count,
                             created_at)
-    SELECT gen_random_uuid(), %(h_device)s, n.jid, false, n.at, n.preview, 0, %(h_now)s
-    FROM unnest(%(c_jids)b::text[], %(c_times)b::timestamptz[], %(c_previews)b::text[]) AS n(jid, at, preview)
+    SELECT gen_random_uuid(), n.device_id, n.jid, false, n.at, n.preview, 0, %(h_now)s
+    FROM unnest(%(c_devices)b::uuid[], %(c_jids)b::text[], %(c_times)b::timestamptz[], %(c_previews)b::text[])
+         AS n(device_id, jid, at, preview)
     ON CONFLICT (device_id, jid) DO UPDATE SET
         last_message_at = CASE WHEN excluded.last_message_at >= c.last_message_at
                                THEN excluded.last_message_at ELSE c.last_message_at END,
@@ -73,6 +79,7 @@ chat AS (
                                  THEN excluded.last_message_text ELSE c.last_message_text END
 )
 """
+_SENT_HISTORY_PG = "WITH " + SENT_HISTORY_CTES_PG + "SELECT 1"
 
 
 class SqlMessageRepository:
@@ -134,6 +141,17 @@ class SqlMessageRepository:
             await conn.execute(chat)
         return True
 
+    async def store_sent(self, sent: Sequence[tuple[UUID, InboundMessage]]) -> None:
+        """Our own sends of any devices, as (device, message) pairs, join the chat history (see `write_sent`)."""
+        if not sent:
+            return
+        if is_postgres(self._engine):
+            async with driver_connection(self._engine) as pg:
+                await pg.execute(_SENT_HISTORY_PG, sent_history_params(sent))
+            return
+        async with self._engine.begin() as conn:
+            await write_sent(conn, sent)
+
     async def mark_status(self, keys: Sequence[tuple[UUID, str]], status: str) -> set[tuple[UUID, str]]:
         """Move our sent messages (device, message id) to `status` if that is later than theirs; returns the keys
         of the messages found (a receipt can arrive before its message is stored)."""
@@ -172,12 +190,30 @@ class SqlMessageRepository:
         return found
 
 
-def _latest_per_chat(sent: list[InboundMessage]) -> list[InboundMessage]:
-    """The newest message of each chat: what its preview shows (one row per chat and statement)."""
-    latest: dict[str, InboundMessage] = {}
-    for m in sent:
-        if m.chat_jid not in latest or m.timestamp >= latest[m.chat_jid].timestamp:
-            latest[m.chat_jid] = m
+def _status_rank(status: Any) -> Any:
+    """A status's place in `STATUS_ORDER` (1 for sent…), 0 for none: receipts only move a message forward."""
+    return case({name: rank for rank, name in enumerate(STATUS_ORDER, 1)}, value=status, else_=0)
+
+
+def _distinct(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
+    """Each message once (an upsert may not touch a row twice), with the latest status it was given."""
+    rank = {name: i for i, name in enumerate(STATUS_ORDER)}
+    seen: dict[tuple[UUID, str], tuple[UUID, InboundMessage]] = {}
+    for device_id, m in sent:
+        before = seen.get((device_id, m.wa_id))
+        if before is not None and rank.get(before[1].status or "sent", 0) > rank.get(m.status or "sent", 0):
+            m = dataclasses.replace(m, status=before[1].status)
+        seen[(device_id, m.wa_id)] = (device_id, m)
+    return list(seen.values())
+
+
+def _latest_per_chat(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
+    """The newest message of each chat of each device: what its preview shows (one row per chat and statement)."""
+    latest: dict[tuple[UUID, str], tuple[UUID, InboundMessage]] = {}
+    for device_id, m in sent:
+        key = (device_id, m.chat_jid)
+        if key not in latest or m.timestamp >= latest[key][1].timestamp:
+            latest[key] = (device_id, m)
     return list(latest.values())
 
 
@@ -185,29 +221,34 @@ def _preview(m: InboundMessage) -> str:
     return m.text[:PREVIEW_CHARS] or ("[image]" if m.media_type else "")
 
 
-def sent_history_params(device_id: UUID, sent: list[InboundMessage]) -> dict[str, Any]:
-    """The parameters of `SENT_HISTORY_CTES_PG` for a batch of one device's sends."""
+def sent_history_params(sent: Sequence[tuple[UUID, InboundMessage]]) -> dict[str, Any]:
+    """The parameters of `SENT_HISTORY_CTES_PG` for sends of one device or many, as (device, message) pairs."""
+    sent = _distinct(sent)
     latest = _latest_per_chat(sent)
     return {
-        "h_device": device_id,
         "h_now": datetime.now(UTC),
-        "h_chats": [m.chat_jid for m in sent],
-        "h_wa_ids": [m.wa_id for m in sent],
-        "h_senders": [m.sender_jid or None for m in sent],
-        "h_texts": [m.text for m in sent],
-        "h_media": [m.media_type for m in sent],
-        "h_times": [m.timestamp for m in sent],
-        "c_jids": [m.chat_jid for m in latest],
-        "c_times": [m.timestamp for m in latest],
-        "c_previews": [_preview(m) for m in latest],
+        "h_devices": [d for d, _ in sent],
+        "h_chats": [m.chat_jid for _, m in sent],
+        "h_wa_ids": [m.wa_id for _, m in sent],
+        "h_senders": [m.sender_jid or None for _, m in sent],
+        "h_texts": [m.text for _, m in sent],
+        "h_media": [m.media_type for _, m in sent],
+        "h_times": [m.timestamp for _, m in sent],
+        "h_status": [m.status or "sent" for _, m in sent],
+        "h_order": list(STATUS_ORDER),
+        "c_devices": [d for d, _ in latest],
+        "c_jids": [m.chat_jid for _, m in latest],
+        "c_times": [m.timestamp for _, m in latest],
+        "c_previews": [_preview(m) for _, m in latest],
     }
 
 
-async def write_sent(conn: AsyncConnection, device_id: UUID, sent: list[InboundMessage]) -> None:
-    """Our own sends join the chat history, through SQLAlchemy (SQLite, or any dialect), inside the caller's
-    transaction (one statement per table for the whole batch; Postgres uses `SENT_HISTORY_CTES_PG`)."""
+async def write_sent(conn: AsyncConnection, sent: Sequence[tuple[UUID, InboundMessage]]) -> None:
+    """Our own sends (device, message) join the chat history, through SQLAlchemy (SQLite, or any dialect), inside
+    the caller's transaction (one statement per table for the whole batch; Postgres uses `SENT_HISTORY_CTES_PG`)."""
     if not sent:
         return
+    sent = _distinct(sent)
     now = datetime.now(UTC)
     rows = [
         {
@@ -219,15 +260,18 @@ async def write_sent(conn: AsyncConnection, device_id: UUID, sent: list[InboundM
             "sender_jid": m.sender_jid or None,
             "text": m.text,
             "media_type": m.media_type,
-            "status": "sent",
+            "status": m.status or "sent",
             "sent_at": m.timestamp,
             "created_at": now,
         }
-        for m in sent
+        for device_id, m in sent
     ]
+    stmt = insert_for(conn, messages)
     await conn.execute(
-        insert_for(conn, messages).on_conflict_do_nothing(
-            index_elements=[messages.c.device_id, messages.c.wa_message_id]
+        stmt.on_conflict_do_update(
+            index_elements=[messages.c.device_id, messages.c.wa_message_id],
+            set_={"status": stmt.excluded.status},
+            where=_status_rank(stmt.excluded.status) > _status_rank(messages.c.status),
         ),
         rows,
     )
@@ -242,7 +286,7 @@ async def write_sent(conn: AsyncConnection, device_id: UUID, sent: list[InboundM
             "unread_count": 0,
             "created_at": now,
         }
-        for m in _latest_per_chat(sent)
+        for device_id, m in _latest_per_chat(sent)
     ]
     chat = insert_for(conn, chats)
     newer = chat.excluded.last_message_at >= chats.c.last_message_at

@@ -99,7 +99,7 @@ async def execute_record_sent(
 ) -> None:
     """Mark a batch sent (`params` as in `_MARK_SENT_CTE_PG`), with its chat history when there is one."""
     if history:
-        params.update(sent_history_params(device_id, list(history)))
+        params.update(sent_history_params([(device_id, m) for m in history]))
         await pg.execute(_RECORD_SENT_PG, params)
     else:
         await pg.execute(_MARK_SENT_PG, params)
@@ -371,7 +371,29 @@ class SqlOutboxRepository:
             if sent:
                 await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
             if history:
-                await write_sent(conn, device_id, list(history))
+                await write_sent(conn, [(device_id, m) for m in history])
+
+    async def sent_without_history(self, device_id: UUID, since: datetime) -> list[tuple[OutboxItem, Sent]]:
+        """Rows the device sent since `since` whose message is missing from its chat history: the history of
+        unpaced sends is stored a moment after them (`services/history.py`), which a crash can prevent."""
+        stored = (
+            select(messages.c.id)
+            .where(messages.c.device_id == outbox.c.device_id, messages.c.wa_message_id == outbox.c.wa_message_id)
+            .exists()
+        )
+        query = (
+            select(outbox)
+            .where(
+                outbox.c.device_id == device_id,
+                outbox.c.sent_at >= since,
+                outbox.c.status == OutboxStatus.SENT.value,
+                ~stored,
+            )
+            .order_by(outbox.c.sent_at)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [(item_from_row(r), Sent(r["id"], r["sent_at"], r["server_ts"] or r["sent_at"])) for r in rows]
 
     async def mark_failed(self, item_id: UUID, error: str, now: datetime) -> None:
         await self._set(item_id, now, status=OutboxStatus.FAILED.value, last_error=error)

@@ -18,6 +18,7 @@ from typing import Protocol
 from uuid import UUID
 
 from wamd_server.domain.models import InboundMessage
+from wamd_server.services.receipts import Taken
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class SentHistoryStore(Protocol):
 class ReceiptTaker(Protocol):
     def hold(self, keys: Iterable[tuple[UUID, str]]) -> None: ...
 
-    def take(self, keys: Iterable[tuple[UUID, str]]) -> dict[tuple[UUID, str], str]: ...
+    def take(self, keys: Iterable[tuple[UUID, str]]) -> Taken: ...
+
+    def stored(self, taken: Taken) -> None: ...
 
 
 class HistoryWriter:
@@ -40,6 +43,7 @@ class HistoryWriter:
         self._receipts = receipts
         self._flush_s = flush_s
         self._pending: list[tuple[UUID, InboundMessage]] = []
+        self._unannounced: list[Taken] = []  # receipts taken for messages whose storing failed
         self._task: asyncio.Task[None] | None = None
 
     def add(self, device_id: UUID, sent: Sequence[InboundMessage]) -> None:
@@ -62,21 +66,27 @@ class HistoryWriter:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        if self._receipts is not None:
-            statuses = self._receipts.take((device_id, m.wa_id) for device_id, m in batch)
-            if statuses:
-                batch = [
-                    (d, dataclasses.replace(m, status=statuses[(d, m.wa_id)]) if (d, m.wa_id) in statuses else m)
-                    for d, m in batch
-                ]
+        taken = self._receipts.take((d, m.wa_id) for d, m in batch) if self._receipts is not None else Taken()
+        if taken.statuses:
+            statuses = taken.statuses
+            batch = [
+                (d, dataclasses.replace(m, status=statuses[(d, m.wa_id)]) if (d, m.wa_id) in statuses else m)
+                for d, m in batch
+            ]
         stored = 0
         try:
             for start in range(0, len(batch), CHUNK):
                 await self._store.store_sent(batch[start : start + CHUNK])
                 stored = start + CHUNK
         except BaseException:
+            # The statuses travel with the messages; their receipts are announced once they are stored.
             self._pending = batch[stored:] + self._pending
+            self._unannounced.append(taken)
             raise
+        if self._receipts is not None:
+            for done in [*self._unannounced, taken]:
+                self._receipts.stored(done)
+            self._unannounced = []
 
     async def close(self) -> None:
         """Stop, storing what waits."""

@@ -2,7 +2,7 @@
 
 WhatsApp sends one receipt per message; a broadcast means thousands per minute. They are collected for a moment
 and stored with one statement per status. A receipt can overtake the storing of its message (sends are recorded
-after their batch; a broadcast's chat history a moment later, see `history.py`): the history writer takes those
+after their batch; unpaced sends' chat history a moment later, see `history.py`): the history writer takes those
 (`take`) and stores the status with the message, which spares the message a second write; the others wait and
 are tried again for a while.
 """
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 from uuid import UUID
@@ -22,6 +23,14 @@ from wamd_server.domain.events import Receipt, ReceiptType
 log = logging.getLogger(__name__)
 
 Key = tuple[UUID, str]  # device, message id
+
+
+@dataclass
+class Taken:
+    """Receipts taken to be stored with their messages (see `ReceiptBatcher.take`)."""
+
+    statuses: dict[Key, str] = field(default_factory=dict)  # the latest status of each message
+    receipts: dict[ReceiptType, dict[Key, tuple[str, float]]] = field(default_factory=dict)
 
 
 class StatusStore(Protocol):
@@ -43,7 +52,7 @@ class ReceiptBatcher:
         self._keep_s = keep_unmatched_s
         # status -> key -> (chat, first seen); a later status of the same message replaces nothing: both apply.
         self._pending: dict[ReceiptType, dict[Key, tuple[str, float]]] = {}
-        # Taken to be stored with their messages: announced with the next flush.
+        # Taken and stored with their messages: announced with the next flush.
         self._taken: dict[ReceiptType, dict[Key, tuple[str, float]]] = {}
         # Messages about to be stored by someone who will take their receipts, and the receipts that came for
         # them meanwhile (status -> key -> …): those are not looked up, the taker stores them.
@@ -66,11 +75,10 @@ class ReceiptBatcher:
         wait for that instead of being looked up in vain meanwhile."""
         self._held.update(keys)
 
-    def take(self, keys: Iterable[Key]) -> dict[Key, str]:
-        """The latest status of each of these messages whose receipt came before the message was stored, no
-        longer waiting here (nor held): the caller stores it with the message. Announced with the next flush, as
-        if found then."""
-        taken: dict[Key, str] = {}
+    def take(self, keys: Iterable[Key]) -> Taken:
+        """The receipts of these messages that came before the message was stored, no longer waiting here (nor
+        held): the caller stores each message with its latest status, then hands them back (`stored`)."""
+        taken = Taken()
         wanted = list(keys)
         self._held.difference_update(wanted)
         for kind in KINDS:
@@ -80,11 +88,17 @@ class ReceiptBatcher:
                 for key in wanted:
                     entry = bucket.pop(key, None)
                     if entry is not None:
-                        taken[key] = kind.value  # a later kind comes later in KINDS and wins
-                        self._taken.setdefault(kind, {}).setdefault(key, entry)
+                        taken.statuses[key] = kind.value  # a later kind comes later in KINDS and wins
+                        taken.receipts.setdefault(kind, {}).setdefault(key, entry)
+        return taken
+
+    def stored(self, taken: Taken) -> None:
+        """Taken receipts whose messages are now stored with their status: announced with the next flush."""
+        for kind, entries in taken.receipts.items():
+            for key, entry in entries.items():
+                self._taken.setdefault(kind, {}).setdefault(key, entry)
         if self._taken and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run(), name="receipt-batcher")
-        return taken
 
     async def _run(self) -> None:
         while self._pending or self._taken:

@@ -13,7 +13,7 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from wamd_server.domain.errors import InvalidInput
@@ -91,12 +91,24 @@ class PacingRules:
         return datetime.combine(end_day, end, tzinfo=self.tz).astimezone(when.tzinfo)
 
     def next_local_midnight(self, when: datetime) -> datetime:
-        local = when.astimezone(self.tz)
-        return datetime.combine(local.date() + timedelta(days=1), time(0), tzinfo=self.tz).astimezone(when.tzinfo)
+        return _local_day(self.tz, when)[1].astimezone(when.tzinfo)
 
     def local_midnight(self, when: datetime) -> datetime:
-        local = when.astimezone(self.tz)
-        return datetime.combine(local.date(), time(0), tzinfo=self.tz).astimezone(when.tzinfo)
+        return _local_day(self.tz, when)[0].astimezone(when.tzinfo)
+
+
+# The last local day asked for, per zone, as UTC instants [midnight, next midnight): pacing asks for the same day
+# twice per message sent, and the zone arithmetic was 4 % of a broadcast's CPU.
+_DAYS: dict[ZoneInfo, tuple[datetime, datetime]] = {}
+
+
+def _local_day(tz: ZoneInfo, when: datetime) -> tuple[datetime, datetime]:
+    day = _DAYS.get(tz)
+    if day is None or not day[0] <= when < day[1]:
+        date = when.astimezone(tz).date()
+        start = datetime.combine(date, time(0), tzinfo=tz).astimezone(UTC)
+        day = _DAYS[tz] = (start, datetime.combine(date + DAY, time(0), tzinfo=tz).astimezone(UTC))
+    return day
 
 
 class SendHistory:

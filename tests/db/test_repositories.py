@@ -383,6 +383,15 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     assert (await status("H1"), await status("H2")) == ("read", "read")
     assert await message_count(engine, d) == 2
 
+    # A device deleted while its sends wait: they are dropped, the others' are stored.
+    gone = await devices.add("Deleted meanwhile", None, None)
+    writer.add(gone.id, [ours("G1")])
+    writer.add(d, [ours("H3")])
+    assert await devices.delete(gone.id)
+    await writer.close()
+    assert await status("H3") == "sent"
+    assert await message_count(engine, gone.id) == 0
+
 
 # --- transport sessions ----------------------------------------------------------------------------------------
 

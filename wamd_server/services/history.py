@@ -1,11 +1,13 @@
 """Unpaced sends join the chat history a moment after they went out, with the receipts that came meanwhile.
 
-A locked batch (unpaced sends on Postgres, see `infra/db/locked_batch.py`) marks its rows sent and hands their
-chat-history messages here; every `flush_s` they are stored for all devices at once. Most delivery receipts of
-those messages have arrived by then: the writer takes them from the receipt batcher and stores each message with
-its status, one write instead of two (the insert, then the receipt's update) and no lookups for receipts that
-overtook their message. A crash loses at most the last interval's sends from the history (never from the outbox):
-a lane first adds the history of its device's recent sent rows that lack it (`Lane._serve`).
+A locked batch (unpaced sends on Postgres, see `infra/db/locked_batch.py`) hands the chat-history messages of its
+sends here as it records them (just before it commits their rows `sent`); every `flush_s` they are stored for all
+devices at once. Most delivery receipts of those messages have arrived by then: the writer takes them from the
+receipt batcher and stores each message with its status, one write instead of two (the insert, then the receipt's
+update) and fewer lookups of receipts that overtook their message. A crash loses at most the last interval's sends
+from the history (never from the outbox): a lane first adds the history of its device's recent sent rows that lack
+it (`Lane._serve`). A message stored whose batch then failed to commit is harmless: its row is sent again with the
+same id, and the history keeps one message per id.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ from typing import Protocol
 from uuid import UUID
 
 from wamd_server.domain.models import InboundMessage
-from wamd_server.services.receipts import Taken
+from wamd_server.services.receipts import KINDS, Taken
 
 log = logging.getLogger(__name__)
 
 CHUNK = 10_000  # messages per statement
+GIVE_UP_AFTER = 5  # failed writes of one device's sends, alone, before they are left to the lane's repair
+_RANK = {"sent": 0, **{kind.value: rank for rank, kind in enumerate(KINDS, 1)}}
+
+
+def _later(a: str | None, b: str) -> str:
+    """The later of two statuses of our message (None: sent)."""
+    return b if _RANK[b] >= _RANK[a or "sent"] else a or "sent"
 
 
 class SentHistoryStore(Protocol):
@@ -43,7 +52,12 @@ class HistoryWriter:
         self._receipts = receipts
         self._flush_s = flush_s
         self._pending: list[tuple[UUID, InboundMessage]] = []
-        self._unannounced: list[Taken] = []  # receipts taken for messages whose storing failed
+        self._unannounced: list[Taken] = []  # taken receipts, announced once a flush has stored their messages
+        # After a failed write, devices are written one by one, so one device's trouble (deleted meanwhile, bad
+        # data) holds up no other; a device whose sends fail `GIVE_UP_AFTER` times alone is left to the repair
+        # a lane makes when it starts (`Lane._restore_history`).
+        self._one_by_one = False
+        self._failures: dict[UUID, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add(self, device_id: UUID, sent: Sequence[InboundMessage]) -> None:
@@ -62,31 +76,78 @@ class HistoryWriter:
                 log.exception("storing the chat history of sent messages failed; trying again")
 
     async def flush(self) -> None:
-        """Store what waits; on failure it waits for the next flush (with what came meanwhile)."""
+        """Store what waits; what fails waits for the next flush (with what came meanwhile)."""
         batch, self._pending = self._pending, []
         if not batch:
             return
-        taken = self._receipts.take((d, m.wa_id) for d, m in batch) if self._receipts is not None else Taken()
-        if taken.statuses:
-            statuses = taken.statuses
-            batch = [
-                (d, dataclasses.replace(m, status=statuses[(d, m.wa_id)]) if (d, m.wa_id) in statuses else m)
-                for d, m in batch
-            ]
-        stored = 0
-        try:
-            for start in range(0, len(batch), CHUNK):
-                await self._store.store_sent(batch[start : start + CHUNK])
-                stored = start + CHUNK
-        except BaseException:
-            # The statuses travel with the messages; their receipts are announced once they are stored.
-            self._pending = batch[stored:] + self._pending
-            self._unannounced.append(taken)
-            raise
+        batch = self._with_receipts(batch)
+        if self._one_by_one:
+            await self._write_one_by_one(batch)
+        else:
+            try:
+                await self._write(batch)
+            except BaseException:
+                self._put_back(batch)
+                self._one_by_one = True
+                raise
         if self._receipts is not None:
-            for done in [*self._unannounced, taken]:
-                self._receipts.stored(done)
-            self._unannounced = []
+            for taken in self._unannounced:
+                self._receipts.stored(taken)
+        self._unannounced = []
+
+    async def _write_one_by_one(self, batch: list[tuple[UUID, InboundMessage]]) -> None:
+        by_device: dict[UUID, list[tuple[UUID, InboundMessage]]] = {}
+        for pair in batch:
+            by_device.setdefault(pair[0], []).append(pair)
+        groups = list(by_device.items())
+        for i, (device_id, sends) in enumerate(groups):
+            try:
+                await self._write(sends)
+                self._failures.pop(device_id, None)
+            except asyncio.CancelledError:
+                for _, rest in groups[i:]:
+                    self._put_back(rest)
+                raise
+            except Exception:
+                tries = self._failures[device_id] = self._failures.get(device_id, 0) + 1
+                if tries < GIVE_UP_AFTER:
+                    self._put_back(sends)
+                    continue
+                del self._failures[device_id]
+                log.exception(
+                    "device %s: %d sent messages could not join the chat history; they are added when the "
+                    "device next starts sending",
+                    device_id,
+                    len(sends),
+                )
+        self._one_by_one = bool(self._failures)
+
+    def _with_receipts(self, batch: list[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
+        """The sends with the latest status their receipts brought (taken from the batcher); a status given on
+        an earlier try is kept if it is later."""
+        if self._receipts is None:
+            return batch
+        taken = self._receipts.take((d, m.wa_id) for d, m in batch)
+        if not taken.receipts:
+            return batch
+        self._unannounced.append(taken)
+        statuses = taken.statuses
+        return [
+            (d, dataclasses.replace(m, status=_later(m.status, statuses[(d, m.wa_id)])))
+            if (d, m.wa_id) in statuses
+            else (d, m)
+            for d, m in batch
+        ]
+
+    async def _write(self, sends: list[tuple[UUID, InboundMessage]]) -> None:
+        for start in range(0, len(sends), CHUNK):
+            await self._store.store_sent(sends[start : start + CHUNK])
+
+    def _put_back(self, sends: list[tuple[UUID, InboundMessage]]) -> None:
+        """Failed sends wait for the next flush, their receipts held again meanwhile."""
+        self._pending = sends + self._pending
+        if self._receipts is not None:
+            self._receipts.hold((d, m.wa_id) for d, m in sends)
 
     async def close(self) -> None:
         """Stop, storing what waits."""

@@ -72,7 +72,8 @@ class ReceiptBatcher:
 
     def hold(self, keys: Iterable[Key]) -> None:
         """These messages are about to be stored by the caller, who will `take` their receipts: their receipts
-        wait for that instead of being looked up in vain meanwhile."""
+        wait for that instead of being looked up in vain meanwhile. (Receipts that come before `hold`, for the
+        first sends of a batch, are looked up as usual until taken.)"""
         self._held.update(keys)
 
     def take(self, keys: Iterable[Key]) -> Taken:
@@ -122,11 +123,13 @@ class ReceiptBatcher:
                 found = await self._store.mark_status(list(bucket), kind.value) if bucket else set()
             except BaseException:
                 # Not stored: this bucket and the ones after it wait for the next flush (with what arrived
-                # meanwhile), instead of being dropped; so do the announcements of taken receipts.
+                # meanwhile), instead of being dropped; so do the announcements of all taken receipts (stored).
+                for kind_ in KINDS:
+                    for key, value in taken.get(kind_, {}).items():
+                        self._taken.setdefault(kind_, {}).setdefault(key, value)
                 for later in KINDS[i:]:
-                    for waiting, kept in ((pending, self._pending), (taken, self._taken)):
-                        for key, value in waiting.get(later, {}).items():
-                            kept.setdefault(later, {}).setdefault(key, value)
+                    for key, value in pending.get(later, {}).items():
+                        self._pending.setdefault(later, {}).setdefault(key, value)
                 raise
             for key, (chat, seen) in bucket.items():
                 if key in found:

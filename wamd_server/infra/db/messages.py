@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import case, tuple_, update
+from sqlalchemy import case, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wamd_server.domain.models import InboundMessage
 from wamd_server.infra.db.engine import driver_connection, is_postgres
-from wamd_server.infra.db.tables import chats, messages
+from wamd_server.infra.db.tables import chats, devices, messages
 from wamd_server.infra.db.upsert import insert_for
 
 PREVIEW_CHARS = 200
@@ -52,7 +52,9 @@ WHERE m.from_me AND NOT EXISTS (SELECT 1 FROM moved WHERE moved.n = k.n)
 # (instead of one statement per row); the outbox runs them in the statement that marks a claimed batch sent, the
 # history writer (`services/history.py`) on its own for the sends of many devices. Row ids come from
 # gen_random_uuid() (Postgres 13+) rather than from Python. A message goes in with the status of the receipts that
-# overtook it (`InboundMessage.status`); one stored already only moves forward.
+# overtook it (`InboundMessage.status`); one stored already only moves forward. Sends of a device deleted meanwhile
+# are skipped (the history writer stores them a moment later), and rows go in key order, so two such statements
+# over the same rows cannot deadlock.
 SENT_HISTORY_CTES_PG = """
 history AS (
     INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
@@ -62,6 +64,7 @@ history AS (
     FROM unnest(%(h_devices)b::uuid[], %(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[],
                 %(h_texts)b::text[], %(h_media)b::text[], %(h_times)b::timestamptz[], %(h_status)b::text[])
          AS m(device_id, chat_jid, wa_message_id, sender_jid, text, media_type, sent_at, status)
+    WHERE EXISTS (SELECT 1 FROM devices WHERE devices.id = m.device_id)
     ON CONFLICT (device_id, wa_message_id) DO UPDATE SET status = excluded.status
     WHERE array_position(%(h_order)s::text[], excluded.status)
           > coalesce(array_position(%(h_order)s::text[], messages.status), 0)
@@ -72,6 +75,7 @@ chat AS (
     SELECT gen_random_uuid(), n.device_id, n.jid, false, n.at, n.preview, 0, %(h_now)s
     FROM unnest(%(c_devices)b::uuid[], %(c_jids)b::text[], %(c_times)b::timestamptz[], %(c_previews)b::text[])
          AS n(device_id, jid, at, preview)
+    WHERE EXISTS (SELECT 1 FROM devices WHERE devices.id = n.device_id)
     ON CONFLICT (device_id, jid) DO UPDATE SET
         last_message_at = CASE WHEN excluded.last_message_at >= c.last_message_at
                                THEN excluded.last_message_at ELSE c.last_message_at END,
@@ -158,7 +162,7 @@ class SqlMessageRepository:
         if status not in STATUS_ORDER or not keys:
             return set()
         earlier = list(STATUS_ORDER[: STATUS_ORDER.index(status)])
-        keys = list(keys)
+        keys = sorted(keys, key=_key_order)  # the order the history statements lock rows in
         found: set[tuple[UUID, str]] = set()
         if is_postgres(self._engine):
             async with driver_connection(self._engine) as pg:
@@ -195,6 +199,12 @@ def _status_rank(status: Any) -> Any:
     return case({name: rank for rank, name in enumerate(STATUS_ORDER, 1)}, value=status, else_=0)
 
 
+def _key_order(key: tuple[UUID, str]) -> tuple[int, str]:
+    """(device, message id or chat) as statements take rows: the same order everywhere, so they cannot deadlock
+    (and cheaper to sort than by `UUID`, whose comparisons run in Python)."""
+    return key[0].int, key[1]
+
+
 def _distinct(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
     """Each message once (an upsert may not touch a row twice), with the latest status it was given."""
     rank = {name: i for i, name in enumerate(STATUS_ORDER)}
@@ -204,7 +214,7 @@ def _distinct(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, I
         if before is not None and rank.get(before[1].status or "sent", 0) > rank.get(m.status or "sent", 0):
             m = dataclasses.replace(m, status=before[1].status)
         seen[(device_id, m.wa_id)] = (device_id, m)
-    return list(seen.values())
+    return [seen[key] for key in sorted(seen, key=_key_order)]
 
 
 def _latest_per_chat(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
@@ -214,7 +224,7 @@ def _latest_per_chat(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[
         key = (device_id, m.chat_jid)
         if key not in latest or m.timestamp >= latest[key][1].timestamp:
             latest[key] = (device_id, m)
-    return list(latest.values())
+    return [latest[key] for key in sorted(latest, key=_key_order)]
 
 
 def _preview(m: InboundMessage) -> str:
@@ -248,7 +258,11 @@ async def write_sent(conn: AsyncConnection, sent: Sequence[tuple[UUID, InboundMe
     the caller's transaction (one statement per table for the whole batch; Postgres uses `SENT_HISTORY_CTES_PG`)."""
     if not sent:
         return
-    sent = _distinct(sent)
+    known = select(devices.c.id).where(devices.c.id.in_({device_id for device_id, _ in sent}))
+    alive = set((await conn.execute(known)).scalars())
+    sent = [pair for pair in _distinct(sent) if pair[0] in alive]  # not the sends of a device deleted meanwhile
+    if not sent:
+        return
     now = datetime.now(UTC)
     rows = [
         {

@@ -340,8 +340,8 @@ class SqlOutboxRepository:
 
     async def record_sent(self, device_id: UUID, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
         """Mark acknowledged rows `sent` (only rows still `sending`: a row is settled once) and add the sends to
-        the device's chat history, in one transaction: a sent row never lacks its history message, and a batch
-        costs one commit instead of two."""
+        the device's chat history, in one transaction: a claimed row never lacks its history message, and a batch
+        costs one commit instead of two. (Locked batches leave the history to `services/history.py`.)"""
         if not sent and not history:
             return
         if is_postgres(self._engine):

@@ -260,12 +260,15 @@ class Load:
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
-            self.gc_s += time.perf_counter() - self._gc_started
+            took = time.perf_counter() - self._gc_started
+            self.gc_s += took
             self.gc_runs[info["generation"]] += 1
+            self.gc_s_by_generation[info["generation"]] += took
 
     def __enter__(self) -> Load:
         # Garbage collection in this process (the in-process runtime's): full collections traverse every object.
         self.gc_s, self.gc_runs, self._gc_started = 0.0, [0, 0, 0], 0.0
+        self.gc_s_by_generation = [0.0, 0.0, 0.0]
         gc.callbacks.append(self._gc_callback)
         self._started_sampling = False
         self._sampler = threading.Thread(target=self._sample_backends, daemon=True)
@@ -296,6 +299,7 @@ class Load:
             "bench_process_cpu_s": round(self.self_cpu, 1),
             "bench_process_gc_s": round(self.gc_s, 1),
             "bench_process_gc_runs": self.gc_runs,
+            "bench_process_gc_s_by_generation": [round(s, 2) for s in self.gc_s_by_generation],
             "database_backends_cpu_s": round(self.db_cpu, 1),
             "machine_busy_pct": round(self.machine_busy_pct, 1),
             "loadavg_1m": list(self.loadavg),

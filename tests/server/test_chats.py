@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import Server, eventually
+from tests.conftest import Server, ServerFactory, eventually
 
 PHONE = "60123000091"
 CONTACT = "60198000091"
@@ -77,3 +77,33 @@ async def test_bad_chat_input_is_refused(server: Server) -> None:
         assert reply.status == 400, (path, body, reply.body)
     assert (await server.call("GET", f"{base}?limit=0", server.admin_token)).status == 400
     assert (await server.call("GET", f"{base}?before=yesterday", server.admin_token)).status == 400
+
+
+async def test_a_send_the_phone_never_acknowledges_goes_out_once_when_it_answers_again(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    server = await make_server(database_url, WAMD_SEND_ACK_TIMEOUT_S="1")
+    ws = await server.ws()
+    device = await server.create_device("Desk")
+    await server.pair_by_qr(device["id"], PHONE, ws)
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"typing": False})
+    network = server.runtime.sim_network
+    assert network is not None
+    await server.sim("POST", "/faults", {"phone": PHONE, "unresponsive": True})
+    path = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
+    sent = await server.ok("POST", path, json={"text": "Are you there?"})
+
+    # No ack within the limit: the device is checked (reconnected) and the message waits, same id, not failed.
+    suspect = await ws.wait_event("device.status", device["id"], lambda e: e["status"] == "connecting")
+    assert "no server ack within 1 s" in suspect["reason"]
+    queue = await server.ok("GET", "/api/queue")
+    assert [(d["queued"], d["sending"]) for d in queue["items"] if d["device_id"] == device["id"]] == [(1, 0)]
+    assert network.inbox(CONTACT) == []
+
+    await server.sim("POST", "/faults", {"phone": PHONE, "unresponsive": False})
+
+    async def delivered() -> bool:
+        return bool(network.inbox(CONTACT))
+
+    await eventually(delivered, timeout=30)
+    assert [(m["wa_id"], m["text"]) for m in network.inbox(CONTACT)] == [(sent["wa_message_id"], "Are you there?")]

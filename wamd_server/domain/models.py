@@ -85,7 +85,7 @@ class DevicePatch:
     typing: bool | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class InboundMessage:
     """A message as WhatsApp delivered it to a linked device (either direction: from_me marks our own sends)."""
 
@@ -103,7 +103,7 @@ class InboundMessage:
     status: str | None = None  # our own sends as we store them: the latest receipt already known (None: sent)
 
 
-@dataclass
+@dataclass(slots=True)
 class OutboundMessage:
     """What a transport sends. `wa_id` is assigned before the send so a retry reuses it."""
 
@@ -115,7 +115,7 @@ class OutboundMessage:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendResult:
     wa_id: str
     server_timestamp: datetime
@@ -158,7 +158,7 @@ class SourceKind(enum.StrEnum):
     PLUGIN = "plugin"
 
 
-@dataclass
+@dataclass(slots=True)
 class OutboxItem:
     """One outbound message on its way (see DESIGN §2). Plugins' `wamd_before_send` may edit `text`."""
 

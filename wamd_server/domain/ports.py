@@ -329,7 +329,7 @@ class WorkerCommands(Protocol):
     async def call(self, worker_id: str, op: str, device_id: UUID, args: dict[str, Any], timeout_s: float) -> Any: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sent:
     """An outbox row WhatsApp acknowledged."""
 

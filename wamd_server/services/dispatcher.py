@@ -29,6 +29,7 @@ from wamd_server.domain.ids import user_jid
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboundMessage, OutboxItem, SendResult
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
 from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource, Results
+from wamd_server.services.deadlines import Deadlines
 from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
 
@@ -190,6 +191,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.lanes: dict[UUID, Lane] = {}
         self.active = asyncio.Semaphore(self.settings.max_active)
+        self.send_limits = Deadlines(self.settings.send_timeout_s)
 
     def device_status(self, device_id: UUID, status: DeviceStatus) -> None:
         """Pool listener: a lane runs exactly while its device is online; bans and logouts pause the queue
@@ -236,6 +238,7 @@ class Dispatcher:
         for lane in lanes:
             lane.cancel()
         await asyncio.gather(*(lane.wait_closed() for lane in lanes), *self._tasks, return_exceptions=True)
+        self.send_limits.close()
 
 
 class Lane:
@@ -505,8 +508,7 @@ class Lane:
     async def _send(self, item: OutboxItem, message: OutboundMessage) -> SendOutcome:
         d = self.d
         try:
-            # `asyncio.timeout`, not `wait_for`: the same deadline without wrapping every send in a new task.
-            async with asyncio.timeout(d.settings.send_timeout_s):
+            with d.send_limits.limit():
                 result: SendResult = await d.transport.send(self.device_id, message)
         except TimeoutError:
             # No ack: keep the message (same id) for the next attempt and have the device checked.

@@ -13,7 +13,6 @@ same id, and the history keeps one message per id.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -61,6 +60,7 @@ class HistoryWriter:
         self._task: asyncio.Task[None] | None = None
 
     def add(self, device_id: UUID, sent: Sequence[InboundMessage]) -> None:
+        """Store these sends with the next flush; the messages become the writer's (it sets their status)."""
         self._pending.extend((device_id, m) for m in sent)
         if self._receipts is not None:
             self._receipts.hold((device_id, m.wa_id) for m in sent)
@@ -124,20 +124,20 @@ class HistoryWriter:
 
     def _with_receipts(self, batch: list[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
         """The sends with the latest status their receipts brought (taken from the batcher); a status given on
-        an earlier try is kept if it is later."""
+        an earlier try is kept if it is later. The messages are the writer's own: their status is set in place."""
         if self._receipts is None:
             return batch
-        taken = self._receipts.take((d, m.wa_id) for d, m in batch)
+        keys = [(d, m.wa_id) for d, m in batch]
+        taken = self._receipts.take(keys)
         if not taken.receipts:
             return batch
         self._unannounced.append(taken)
         statuses = taken.statuses
-        return [
-            (d, dataclasses.replace(m, status=_later(m.status, statuses[(d, m.wa_id)])))
-            if (d, m.wa_id) in statuses
-            else (d, m)
-            for d, m in batch
-        ]
+        for key, (_, m) in zip(keys, batch, strict=True):
+            status = statuses.get(key)
+            if status is not None:
+                m.status = _later(m.status, status)
+        return batch
 
     async def _write(self, sends: list[tuple[UUID, InboundMessage]]) -> None:
         for start in range(0, len(sends), CHUNK):

@@ -53,6 +53,7 @@ from wamd_server.infra.whatsapp.sim_link import (
     LinkFactory,
     RemoteLinks,
 )
+from wamd_server.services.deadlines import Deadlines
 from wamd_server.sim.network import SimNetwork
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class SimTransport:
         self._store = store
         self._reconnect_delay_s = reconnect_delay_s
         self._max_reconnect_delay_s = max_reconnect_delay_s
-        self._request_timeout_s = request_timeout_s
+        self._request_limits = Deadlines(request_timeout_s)
         self._relink_concurrency = relink_concurrency
         self._sink: TransportEventSink | None = None
         self._link: ClientLink | None = None
@@ -153,6 +154,7 @@ class SimTransport:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._request_limits.close()
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -383,8 +385,7 @@ class SimTransport:
         if link is None or self._closed:
             raise NotConnected("the simulator link is down")
         try:
-            # `asyncio.timeout`, not `wait_for`: no extra task per request (one per message sent).
-            async with asyncio.timeout(self._request_timeout_s):
+            with self._request_limits.limit():  # one timer for all requests (see `services/deadlines.py`)
                 return await link.request(frame)
         except LinkDown as exc:
             raise NotConnected(str(exc)) from None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -272,8 +273,13 @@ def pg_connect(url: str) -> psycopg.Connection[Any]:
 
 
 def pg_database_url(admin_url: str, name: str) -> str:
-    """The admin URL (any `postgresql://…/db`) pointed at database `name`."""
-    return admin_url.rsplit("/", 1)[0] + "/" + name
+    """The admin URL (any `postgresql://…/db`, with or without a query such as `?host=/var/run/postgresql` for
+    the Unix socket) pointed at database `name`."""
+    return urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+
+
+def pg_database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
 
 
 def create_database(admin_url: str, name: str) -> str:

@@ -70,6 +70,7 @@ from _common import (
     log,
     machine_cpu,
     pg_connection_budget,
+    pg_database_name,
     pg_database_url,
     remove_tree,
     run_with_cleanup,
@@ -120,7 +121,7 @@ class Databases:
 
 
 def db_name(url: str) -> str:
-    return url.rsplit("/", 1)[1]
+    return pg_database_name(url)
 
 
 def sqlalchemy_url(url: str) -> str:

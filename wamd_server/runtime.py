@@ -291,8 +291,12 @@ class Runtime:
             queue=QueueControl(device_repo, clock),
             settings=DispatchSettings(send_timeout_s=cfg.send_ack_timeout_s),
             # Half the pool's connections at most (it holds twice `db_pool_size`): the rest serve everything else.
-            locked=LockedBatches(self.engine, max_open=cfg.db_pool_size) if is_postgres(self.engine) else None,
-            history=self._history,
+            locked=(
+                LockedBatches(self.engine, max_open=cfg.db_pool_size, history=self._history)
+                if is_postgres(self.engine)
+                else None
+            ),
+            repair_history=self._history is not None,
         )
         self.pool.status_listeners.append(self.dispatcher.device_status)
         self.plugins.register(

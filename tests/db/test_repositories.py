@@ -23,14 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import PG_ADMIN
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.events import Receipt, ReceiptType
-from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role
-from wamd_server.domain.ports import DeviceScope
+from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
+from wamd_server.domain.ports import DeviceScope, Sent
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, SqlDeviceRepository, device_from_tuple
 from wamd_server.infra.db.engine import create_engine, driver_connection
 from wamd_server.infra.db.locked_batch import LOCK_DUE_PG
 from wamd_server.infra.db.messages import SqlMessageRepository
-from wamd_server.infra.db.outbox import CLAIM_COLUMNS
+from wamd_server.infra.db.outbox import CLAIM_COLUMNS, NewMessage, SqlOutboxRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
@@ -39,7 +39,8 @@ from wamd_server.services.receipts import ReceiptBatcher
 from wamd_server.services.users import UserService
 
 EVERYTHING = DeviceScope.everything()
-CONTACT_JID = "60199000020@s.whatsapp.net"
+CONTACT = "60199000020"
+CONTACT_JID = f"{CONTACT}@s.whatsapp.net"
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
 
 
@@ -330,10 +331,10 @@ async def test_receipts_only_move_a_message_forward(engine: AsyncEngine) -> None
 
 
 async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: AsyncEngine) -> None:
-    """Unpaced sends join the chat history a moment after they went out (`HistoryWriter`): the receipts that
-    arrive meanwhile are not looked up in vain but stored with their messages, and announced all the same; a
-    message stored already only moves forward."""
-    devices, repo = SqlDeviceRepository(engine), SqlMessageRepository(engine)
+    """Unpaced sends join the chat history a moment after they went out (`HistoryWriter`), each message read from
+    its outbox row: the receipts that arrive meanwhile are not looked up in vain but stored with their messages,
+    and announced all the same; a message stored already only moves forward."""
+    devices, repo, rows = SqlDeviceRepository(engine), SqlMessageRepository(engine), SqlOutboxRepository(engine)
     device = await devices.add("Later history", None, None)
     d = device.id
     looked_up: list[list[tuple[UUID, str]]] = []
@@ -347,49 +348,79 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     async def announce(receipts: list[Receipt]) -> None:
         announced.extend(receipts)
 
-    async def status(wa_id: str) -> str | None:
+    async def sent_rows(device_id: UUID, *names: str, edited: str | None = None) -> dict[str, Sent]:
+        """Outbox rows of these names sent (as a lane records them: its history left to the writer)."""
+        new = [
+            NewMessage(device_id, CONTACT, f"text of {n}", SourceKind.MANUAL, f"later-{device_id}-{n}", T0)
+            for n in names
+        ]
+        await rows.enqueue(new, T0)
+        items = {i.text.removeprefix("text of "): i for i in await rows.claim(device_id, T0, 100)}
+        sent = {
+            n: Sent(i.id, T0, T0 + timedelta(seconds=1 + names.index(n)), i.wa_message_id, edited)
+            for n, i in items.items()
+        }
+        await rows.record_sent(device_id, list(sent.values()), [])
+        return sent
+
+    async def stored(wa_id: str) -> tuple[str, str, datetime] | None:
         async with engine.connect() as conn:
-            query = select(messages.c.status).where(messages.c.device_id == d, messages.c.wa_message_id == wa_id)
-            return (await conn.execute(query)).scalar_one_or_none()  # type: ignore[no-any-return]
+            query = select(messages.c.status, messages.c.text, messages.c.sent_at).where(
+                messages.c.device_id == d, messages.c.wa_message_id == wa_id
+            )
+            row = (await conn.execute(query)).one_or_none()
+            return None if row is None else (row.status, row.text, row.sent_at)
 
-    def ours(wa_id: str) -> InboundMessage:
-        return inbound(wa_id, f"text of {wa_id}", T0, from_me=True)
+    async def status(wa_id: str) -> str | None:
+        row = await stored(wa_id)
+        return None if row is None else row[0]
 
+    sent = await sent_rows(d, "H1", "H2", "H3")
+    h1, h2, h3 = (sent[n].wa_id for n in ("H1", "H2", "H3"))
     receipts = ReceiptBatcher(Store(), announce)
     writer = HistoryWriter(repo, receipts)
-    writer.add(d, [ours("H1"), ours("H2"), ours("H2")])  # H2 handed over twice (a lane retried its batch)
-    receipts.add(Receipt(d, CONTACT_JID, ("H1", "H2"), ReceiptType.DELIVERED, T0))
-    receipts.add(Receipt(d, CONTACT_JID, ("H1",), ReceiptType.READ, T0))
+    writer.add(d, [sent["H1"], sent["H2"], sent["H2"]])  # H2 handed over twice: stored once
+    receipts.add(Receipt(d, CONTACT_JID, (h1, h2), ReceiptType.DELIVERED, T0))
+    receipts.add(Receipt(d, CONTACT_JID, (h1,), ReceiptType.READ, T0))
     await receipts.flush()
     assert (looked_up, announced) == ([], [])  # the messages are not stored yet: nobody looks for them
     await writer.flush()
-    assert (await status("H1"), await status("H2")) == ("read", "delivered")
+    # The message as its row has it: text, and the server's time of the send; the chat shows the latest.
+    assert await stored(h1) == ("read", "text of H1", T0 + timedelta(seconds=1))
+    assert await status(h2) == "delivered"
     assert await message_count(engine, d) == 2
+    async with engine.connect() as conn:
+        chat = (await conn.execute(select(chats.c.jid, chats.c.last_message_text).where(chats.c.device_id == d))).one()
+    assert tuple(chat) == (CONTACT_JID, "text of H2")
     await receipts.flush()
     assert looked_up == []
     assert sorted((r.type.value, r.message_ids) for r in announced) == [
-        ("delivered", ("H1", "H2")),
-        ("read", ("H1",)),
+        ("delivered", (h1, h2)),
+        ("read", (h1,)),
     ]
 
     # A receipt after the history was stored is stored as receipts are; a later store never moves a status back.
     announced.clear()
-    receipts.add(Receipt(d, CONTACT_JID, ("H2",), ReceiptType.READ, T0))
+    receipts.add(Receipt(d, CONTACT_JID, (h2,), ReceiptType.READ, T0))
     await receipts.flush()
-    assert looked_up == [[(d, "H2")]] and [(r.type.value, r.message_ids) for r in announced] == [("read", ("H2",))]
-    writer.add(d, [ours("H1")])
+    assert looked_up == [[(d, h2)]] and [(r.type.value, r.message_ids) for r in announced] == [("read", (h2,))]
+    writer.add(d, [sent["H1"]])
     await writer.close()
     await receipts.close()
-    assert (await status("H1"), await status("H2")) == ("read", "read")
+    assert (await status(h1), await status(h2)) == ("read", "read")
     assert await message_count(engine, d) == 2
 
-    # A device deleted while its sends wait: they are dropped, the others' are stored.
+    # A text a plugin changed before the send is the one in the history; a device deleted while its sends wait
+    # takes them along, and the others' are stored.
     gone = await devices.add("Deleted meanwhile", None, None)
-    writer.add(gone.id, [ours("G1")])
-    writer.add(d, [ours("H3")])
+    lost = await sent_rows(gone.id, "G1")
+    edited = await sent_rows(d, "H4", edited="changed by a plugin")
+    writer.add(gone.id, [lost["G1"]])
+    writer.add(d, [sent["H3"], edited["H4"]])
     assert await devices.delete(gone.id)
     await writer.close()
-    assert await status("H3") == "sent"
+    assert await status(h3) == "sent"
+    assert (await stored(edited["H4"].wa_id) or ("",))[1] == "changed by a plugin"
     assert await message_count(engine, gone.id) == 0
 
 

@@ -336,3 +336,15 @@ class Sent:
     id: UUID
     sent_at: datetime
     server_ts: datetime
+    wa_id: str = ""  # its message id (the row's own)
+    edited_text: str | None = None  # the text sent, when a plugin's `wamd_before_send` changed the row's
+
+
+@dataclass(slots=True)
+class HistorySend:
+    """A send waiting to join its device's chat history, which reads the message from its outbox row (see
+    `services/history.py`), with the latest receipt status known (None: sent)."""
+
+    device_id: UUID
+    sent: Sent
+    status: str | None = None

@@ -30,6 +30,10 @@ class ResultStore(Protocol):
 class Results(Protocol):
     """Where the results of a batch's attempts go: written at once (claimed rows) or when a locked batch ends."""
 
+    # The chat history of the sends is stored a moment after they are recorded, from their outbox rows (see
+    # `services/history.py`): `sent` takes no history messages.
+    history_later: bool
+
     async def cancelled(self, item_id: UUID, reason: str, now: datetime) -> None: ...
 
     async def failed(self, item_id: UUID, error: str, now: datetime) -> None: ...
@@ -57,6 +61,8 @@ class LockedBatchSource(Protocol):
 
 class ClaimedResults:
     """Results of rows claimed `sending`, written as they come."""
+
+    history_later = False
 
     def __init__(self, outbox: ResultStore, device_id: UUID) -> None:
         self._outbox = outbox

@@ -85,12 +85,6 @@ class OutboxStore(Protocol):
         ...
 
 
-class HistorySink(Protocol):
-    def add(self, device_id: UUID, sent: list[InboundMessage]) -> None:
-        """Store these sends in the device's chat history a moment later (see `services/history.py`)."""
-        ...
-
-
 MediaLoader = Callable[[UUID], Awaitable[tuple[bytes, str] | None]]
 Veto = Callable[[OutboxItem], Awaitable[str | None]]
 Suspect = Callable[[UUID], Awaitable[None]]
@@ -172,11 +166,13 @@ class Dispatcher:
         settings: DispatchSettings | None = None,
         rng: random.Random | None = None,
         locked: LockedBatchSource | None = None,
-        history: HistorySink | None = None,
+        repair_history: bool = False,
     ) -> None:
         self.outbox = outbox
         self.locked = locked  # None: unpaced batches are claimed `sending` too (SQLite)
-        self.history = history  # where locked batches' sends go for the chat history (None: with the batch)
+        # Locked batches store their sends' chat history a moment later (`services/history.py`): a lane that
+        # starts adds what a crash kept from being stored.
+        self.repair_history = repair_history
         self.devices = devices
         self.transport = transport
         self.clock = clock
@@ -303,7 +299,7 @@ class Lane:
         recovered = await d.outbox.in_flight(self.device_id)
         if recovered:
             log.info("device %s: re-sending %d messages left in flight", self.device_id, len(recovered))
-        if d.history is not None:
+        if d.repair_history:
             await self._restore_history(now)
         snapshot: Device | None = None  # the device as the last locked batch read it, when no wait came since
         while True:
@@ -421,6 +417,7 @@ class Lane:
                 if sent and results.expired():
                     break  # the rest goes to the next batch
                 # Checks and loading come before the gap, so the send follows the gap at once.
+                loaded_text = item.text  # a plugin may change it (`wamd_before_send`)
                 message = await self._prepare(item, item.recipient in opted_out)
                 if message is None:
                     del self.claimed[item.id]
@@ -436,7 +433,7 @@ class Lane:
                     await self._wait_unslotted(d.clock.sleep(wait - typing_s))
                 if device.typing:
                     await self._wait_unslotted(self._show_typing(item, typing_s))
-                outcome = await self._send(item, message)
+                outcome = await self._send(item, message, loaded_text)
                 del self.claimed[item.id]
                 if outcome.sent is not None:
                     sent.append(outcome.sent)
@@ -452,12 +449,11 @@ class Lane:
     async def _record(self, batch: list[OutboxItem], sent: list[Sent]) -> None:
         if not sent:
             return
-        history = [self._as_message(item, s) for item, s in self._pairs(batch, sent)]
-        if self.d.history is not None and self.results is not self.claimed_results:
+        if self.results.history_later:
             await self.results.sent(sent, [])
-            self.d.history.add(self.device_id, history)
-        else:
-            await self.results.sent(sent, history)
+            return
+        by_id = {item.id: item for item in batch}
+        await self.results.sent(sent, [self._as_message(by_id[s.id], s) for s in sent if s.id in by_id])
 
     async def _restore_history(self, now: datetime) -> None:
         """Sends whose history a crash kept from being stored (see `services/history.py`) are stored now."""
@@ -466,11 +462,6 @@ class Lane:
             log.info("device %s: adding %d sent messages to the chat history", self.device_id, len(missing))
             history = [self._as_message(item, s) for item, s in missing]
             await self.d.outbox.record_sent(self.device_id, [], history)
-
-    @staticmethod
-    def _pairs(batch: list[OutboxItem], sent: list[Sent]) -> list[tuple[OutboxItem, Sent]]:
-        by_id = {item.id: item for item in batch}
-        return [(by_id[s.id], s) for s in sent if s.id in by_id]
 
     def _as_message(self, item: OutboxItem, sent: Sent) -> InboundMessage:
         return InboundMessage(
@@ -505,7 +496,7 @@ class Lane:
             message.image, message.image_mime = media
         return message
 
-    async def _send(self, item: OutboxItem, message: OutboundMessage) -> SendOutcome:
+    async def _send(self, item: OutboxItem, message: OutboundMessage, loaded_text: str) -> SendOutcome:
         d = self.d
         try:
             with d.send_limits.limit():
@@ -523,7 +514,8 @@ class Lane:
         self.failures = 0
         sent_at = d.clock.now()
         self.history.add(sent_at)
-        return SendOutcome(sent=Sent(item.id, sent_at, result.server_timestamp))
+        edited = None if message.text is loaded_text else message.text
+        return SendOutcome(sent=Sent(item.id, sent_at, result.server_timestamp, item.wa_message_id, edited))
 
     def _typing_time(self, item: OutboxItem, room_s: float) -> float:
         s = self.d.settings

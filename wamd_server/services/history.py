@@ -1,13 +1,13 @@
 """Unpaced sends join the chat history a moment after they went out, with the receipts that came meanwhile.
 
-A locked batch (unpaced sends on Postgres, see `infra/db/locked_batch.py`) hands the chat-history messages of its
-sends here as it records them (just before it commits their rows `sent`); every `flush_s` they are stored for all
-devices at once. Most delivery receipts of those messages have arrived by then: the writer takes them from the
+A locked batch (unpaced sends on Postgres, see `infra/db/locked_batch.py`) hands its sends here once it has
+committed their rows `sent`; every `flush_s` they are stored for all devices at once, each message read from its
+outbox row by the database (recipient, text, time: only the row's id travels, and the text when a plugin changed
+it before the send). Most delivery receipts of those messages have arrived by then: the writer takes them from the
 receipt batcher and stores each message with its status, one write instead of two (the insert, then the receipt's
 update) and fewer lookups of receipts that overtook their message. A crash loses at most the last interval's sends
 from the history (never from the outbox): a lane first adds the history of its device's recent sent rows that lack
-it (`Lane._serve`). A message stored whose batch then failed to commit is harmless: its row is sent again with the
-same id, and the history keeps one message per id.
+it (`Lane._serve`). The sends of a device deleted meanwhile are gone with its rows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 from uuid import UUID
 
-from wamd_server.domain.models import InboundMessage
+from wamd_server.domain.ports import HistorySend, Sent
 from wamd_server.services.receipts import KINDS, Taken
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def _later(a: str | None, b: str) -> str:
 
 
 class SentHistoryStore(Protocol):
-    async def store_sent(self, sent: Sequence[tuple[UUID, InboundMessage]]) -> None: ...
+    async def store_sent(self, sends: Sequence[HistorySend]) -> None: ...
 
 
 class ReceiptTaker(Protocol):
@@ -50,7 +50,7 @@ class HistoryWriter:
         self._store = store
         self._receipts = receipts
         self._flush_s = flush_s
-        self._pending: list[tuple[UUID, InboundMessage]] = []
+        self._pending: list[HistorySend] = []
         self._unannounced: list[Taken] = []  # taken receipts, announced once a flush has stored their messages
         # After a failed write, devices are written one by one, so one device's trouble (deleted meanwhile, bad
         # data) holds up no other; a device whose sends fail `GIVE_UP_AFTER` times alone is left to the repair
@@ -59,11 +59,11 @@ class HistoryWriter:
         self._failures: dict[UUID, int] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, device_id: UUID, sent: Sequence[InboundMessage]) -> None:
-        """Store these sends with the next flush; the messages become the writer's (it sets their status)."""
-        self._pending.extend((device_id, m) for m in sent)
+    def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+        """Store these sends (rows committed `sent`) with the next flush."""
+        self._pending.extend(HistorySend(device_id, s) for s in sent)
         if self._receipts is not None:
-            self._receipts.hold((device_id, m.wa_id) for m in sent)
+            self._receipts.hold((device_id, s.wa_id) for s in sent)
         if self._pending and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run(), name="history-writer")
 
@@ -95,10 +95,10 @@ class HistoryWriter:
                 self._receipts.stored(taken)
         self._unannounced = []
 
-    async def _write_one_by_one(self, batch: list[tuple[UUID, InboundMessage]]) -> None:
-        by_device: dict[UUID, list[tuple[UUID, InboundMessage]]] = {}
-        for pair in batch:
-            by_device.setdefault(pair[0], []).append(pair)
+    async def _write_one_by_one(self, batch: list[HistorySend]) -> None:
+        by_device: dict[UUID, list[HistorySend]] = {}
+        for send in batch:
+            by_device.setdefault(send.device_id, []).append(send)
         groups = list(by_device.items())
         for i, (device_id, sends) in enumerate(groups):
             try:
@@ -122,32 +122,32 @@ class HistoryWriter:
                 )
         self._one_by_one = bool(self._failures)
 
-    def _with_receipts(self, batch: list[tuple[UUID, InboundMessage]]) -> list[tuple[UUID, InboundMessage]]:
+    def _with_receipts(self, batch: list[HistorySend]) -> list[HistorySend]:
         """The sends with the latest status their receipts brought (taken from the batcher); a status given on
-        an earlier try is kept if it is later. The messages are the writer's own: their status is set in place."""
+        an earlier try is kept if it is later."""
         if self._receipts is None:
             return batch
-        keys = [(d, m.wa_id) for d, m in batch]
+        keys = [(send.device_id, send.sent.wa_id) for send in batch]
         taken = self._receipts.take(keys)
         if not taken.receipts:
             return batch
         self._unannounced.append(taken)
         statuses = taken.statuses
-        for key, (_, m) in zip(keys, batch, strict=True):
+        for key, send in zip(keys, batch, strict=True):
             status = statuses.get(key)
             if status is not None:
-                m.status = _later(m.status, status)
+                send.status = _later(send.status, status)
         return batch
 
-    async def _write(self, sends: list[tuple[UUID, InboundMessage]]) -> None:
+    async def _write(self, sends: list[HistorySend]) -> None:
         for start in range(0, len(sends), CHUNK):
             await self._store.store_sent(sends[start : start + CHUNK])
 
-    def _put_back(self, sends: list[tuple[UUID, InboundMessage]]) -> None:
+    def _put_back(self, sends: list[HistorySend]) -> None:
         """Failed sends wait for the next flush, their receipts held again meanwhile."""
         self._pending = sends + self._pending
         if self._receipts is not None:
-            self._receipts.hold((d, m.wa_id) for d, m in sends)
+            self._receipts.hold((send.device_id, send.sent.wa_id) for send in sends)
 
     async def close(self) -> None:
         """Stop, storing what waits."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
@@ -65,11 +65,14 @@ class LockedBatch:
     device as it was when the batch began (the lane checks it is still to send unpaced) and, once the batch has
     ended, when its next queued row is due: reads the lane would otherwise make on connections of their own."""
 
-    def __init__(self, device_id: UUID, device: Device | None, items: list[OutboxItem], max_open_s: float) -> None:
+    def __init__(
+        self, device_id: UUID, device: Device | None, items: list[OutboxItem], max_open_s: float, history_later: bool
+    ) -> None:
+        self.history_later = history_later
         self.device = device
         self.items = items
         self.next_due: datetime | None = None
-        self._device_id = device_id
+        self.device_id = device_id
         self._deadline = time.monotonic() + max_open_s
         self._settled: list[_Settled] = []
         self._sent: list[Sent] = []
@@ -94,6 +97,10 @@ class LockedBatch:
         self._sent.extend(sent)
         self._history.extend(history)
 
+    @property
+    def sent_rows(self) -> list[Sent]:
+        return self._sent
+
     async def write(self, pg: psycopg.AsyncConnection[Any]) -> None:
         if self._sent or self._history:
             params = {
@@ -104,18 +111,25 @@ class LockedBatch:
                 "held_as": OutboxStatus.QUEUED.value,
                 "counted": 1,
             }
-            await execute_record_sent(pg, self._device_id, params, self._history)
+            await execute_record_sent(pg, self.device_id, params, self._history)
         for s in self._settled:
             await pg.execute(
                 _SETTLE_PG, {"status": s.status.value, "error": s.error, "at": s.at, "now": s.now, "id": s.id}
             )
 
 
+class HistorySink(Protocol):
+    def add(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
+
 class LockedBatches:
     """Opens locked batches on a Postgres engine (see the module's docstring)."""
 
-    def __init__(self, engine: AsyncEngine, max_open: int, max_open_s: float = MAX_OPEN_S) -> None:
+    def __init__(
+        self, engine: AsyncEngine, max_open: int, max_open_s: float = MAX_OPEN_S, history: HistorySink | None = None
+    ) -> None:
         self._engine = engine
+        self._history = history
         self._max_open_s = max_open_s
         self._open = asyncio.Semaphore(max_open)
 
@@ -138,7 +152,8 @@ class LockedBatches:
                 found = await (await pg.execute(DEVICE_BY_ID_PG, params)).fetchone()
                 rows = await (await pg.execute(LOCK_DUE_PG, params, binary=True)).fetchall() if found else []
                 device = device_from_tuple(found) if found else None
-                batch = LockedBatch(device_id, device, [item_from_tuple(r) for r in rows], self._max_open_s)
+                items = [item_from_tuple(r) for r in rows]
+                batch = LockedBatch(device_id, device, items, self._max_open_s, self._history is not None)
                 try:
                     yield batch
                 finally:
@@ -150,11 +165,13 @@ class LockedBatches:
                     with contextlib.suppress(psycopg.Error):
                         await pg.execute("ROLLBACK")
 
-    @staticmethod
-    async def _commit(pg: psycopg.AsyncConnection[Any], batch: LockedBatch) -> None:
+    async def _commit(self, pg: psycopg.AsyncConnection[Any], batch: LockedBatch) -> None:
         await batch.write(pg)
         if batch.device is not None:
             params = {"device": batch.device.id, "queued": OutboxStatus.QUEUED.value, "held": HELD_CAMPAIGNS}
             row = await (await pg.execute(NEXT_DUE_PG, params)).fetchone()
             batch.next_due = utc_or_none(row[0]) if row is not None else None
         await pg.execute("COMMIT")
+        if self._history is not None and batch.sent_rows:
+            # Only once committed: the history writer reads the messages from their rows, `sent` by then.
+            self._history.add(batch.device_id, batch.sent_rows)

@@ -12,9 +12,11 @@ from uuid import UUID
 from sqlalchemy import case, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from wamd_server.domain.ids import USER_SERVER, user_jid
 from wamd_server.domain.models import InboundMessage
+from wamd_server.domain.ports import HistorySend
 from wamd_server.infra.db.engine import driver_connection, is_postgres
-from wamd_server.infra.db.tables import chats, devices, messages
+from wamd_server.infra.db.tables import chats, devices, messages, outbox
 from wamd_server.infra.db.upsert import insert_for
 
 PREVIEW_CHARS = 200
@@ -83,7 +85,52 @@ chat AS (
                                  THEN excluded.last_message_text ELSE c.last_message_text END
 )
 """
-_SENT_HISTORY_PG = "WITH " + SENT_HISTORY_CTES_PG + "SELECT 1"
+# Postgres: the history writer's sends (`services/history.py`), each message read from its outbox row: only the
+# row ids travel, with the statuses their receipts brought and the texts plugins changed (NULL: the row's). Rows
+# gone meanwhile (their device deleted) are skipped with them. The same order and rules as `SENT_HISTORY_CTES_PG`;
+# "C" collation orders message ids and chats as Python sorts them (`_key_order`), the order receipts lock rows in.
+_HISTORY_FROM_OUTBOX_PG = """
+WITH sent AS (
+    SELECT DISTINCT ON (o.device_id, o.wa_message_id COLLATE "C")
+           o.device_id, o.recipient || %(at_server)s AS chat_jid, o.wa_message_id, coalesce(k.text, o.text) AS text,
+           CASE WHEN o.media_id IS NULL THEN NULL ELSE 'image' END AS media_type,
+           coalesce(o.server_ts, o.sent_at) AS sent_at, coalesce(k.status, 'sent') AS status
+    FROM unnest(%(ids)b::uuid[], %(texts)b::text[], %(statuses)b::text[]) AS k(id, text, status)
+    JOIN outbox o ON o.id = k.id
+    ORDER BY o.device_id, o.wa_message_id COLLATE "C",
+             array_position(%(order)s::text[], coalesce(k.status, 'sent')) DESC
+),
+history AS (
+    INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
+                          sent_at, created_at)
+    SELECT gen_random_uuid(), device_id, chat_jid, wa_message_id, true, NULL, text, media_type, status, sent_at,
+           %(now)s
+    FROM sent
+    ORDER BY device_id, wa_message_id COLLATE "C"
+    ON CONFLICT (device_id, wa_message_id) DO UPDATE SET status = excluded.status
+    WHERE array_position(%(order)s::text[], excluded.status)
+          > coalesce(array_position(%(order)s::text[], messages.status), 0)
+),
+chat AS (
+    INSERT INTO chats AS c (id, device_id, jid, is_group, last_message_at, last_message_text, unread_count,
+                            created_at)
+    SELECT gen_random_uuid(), n.device_id, n.chat_jid, false, n.sent_at,
+           CASE WHEN n.text <> '' THEN left(n.text, %(preview_chars)s)
+                WHEN n.media_type IS NOT NULL THEN '[image]' ELSE '' END,
+           0, %(now)s
+    FROM (SELECT DISTINCT ON (device_id, chat_jid COLLATE "C") * FROM sent
+          ORDER BY device_id, chat_jid COLLATE "C", sent_at DESC) AS n
+    ORDER BY n.device_id, n.chat_jid COLLATE "C"
+    ON CONFLICT (device_id, jid) DO UPDATE SET
+        last_message_at = CASE WHEN excluded.last_message_at >= c.last_message_at
+                               THEN excluded.last_message_at ELSE c.last_message_at END,
+        last_message_text = CASE WHEN excluded.last_message_at >= c.last_message_at
+                                 THEN excluded.last_message_text ELSE c.last_message_text END
+)
+SELECT 1
+"""
+# Outbox rows read at once by the generic (SQLite) path of `store_sent`, under SQLite's parameter limit.
+_ROWS_CHUNK = 500
 
 
 class SqlMessageRepository:
@@ -145,16 +192,31 @@ class SqlMessageRepository:
             await conn.execute(chat)
         return True
 
-    async def store_sent(self, sent: Sequence[tuple[UUID, InboundMessage]]) -> None:
-        """Our own sends of any devices, as (device, message) pairs, join the chat history (see `write_sent`)."""
-        if not sent:
+    async def store_sent(self, sends: Sequence[HistorySend]) -> None:
+        """Sends of any devices, their rows committed `sent`, join the chat history, each message read from its
+        outbox row (see `services/history.py`)."""
+        if not sends:
             return
         if is_postgres(self._engine):
+            params = {
+                "ids": [s.sent.id for s in sends],
+                "texts": [s.sent.edited_text for s in sends],
+                "statuses": [s.status for s in sends],
+                "order": list(STATUS_ORDER),
+                "at_server": "@" + USER_SERVER,
+                "preview_chars": PREVIEW_CHARS,
+                "now": datetime.now(UTC),
+            }
             async with driver_connection(self._engine) as pg:
-                await pg.execute(_SENT_HISTORY_PG, sent_history_params(sent))
+                await pg.execute(_HISTORY_FROM_OUTBOX_PG, params)
             return
         async with self._engine.begin() as conn:
-            await write_sent(conn, sent)
+            rows: dict[UUID, Any] = {}
+            for start in range(0, len(sends), _ROWS_CHUNK):
+                ids = [s.sent.id for s in sends[start : start + _ROWS_CHUNK]]
+                found = await conn.execute(select(outbox).where(outbox.c.id.in_(ids)))
+                rows.update((r.id, r) for r in found)
+            await write_sent(conn, [_from_row(rows[s.sent.id], s) for s in sends if s.sent.id in rows])
 
     async def mark_status(self, keys: Sequence[tuple[UUID, str]], status: str) -> set[tuple[UUID, str]]:
         """Move our sent messages (device, message id) to `status` if that is later than theirs; returns the keys
@@ -225,6 +287,23 @@ def _latest_per_chat(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[
         if key not in latest or m.timestamp >= latest[key][1].timestamp:
             latest[key] = (device_id, m)
     return [latest[key] for key in sorted(latest, key=_key_order)]
+
+
+def _from_row(row: Any, send: HistorySend) -> tuple[UUID, InboundMessage]:
+    """A send as its device's history message, from its outbox row."""
+    message = InboundMessage(
+        wa_id=row.wa_message_id,
+        chat_jid=user_jid(row.recipient),
+        sender_jid="",
+        sender_phone=None,
+        from_me=True,
+        is_group=False,
+        text=row.text if send.sent.edited_text is None else send.sent.edited_text,
+        timestamp=row.server_ts or row.sent_at,
+        media_type="image" if row.media_id else None,
+        status=send.status,
+    )
+    return row.device_id, message
 
 
 def _preview(m: InboundMessage) -> str:

@@ -71,3 +71,20 @@ async def test_an_exception_in_the_block_passes_through() -> None:
         await asyncio.sleep(0)
         raise KeyError("x")
     limits.close()
+
+
+def test_limits_keep_working_when_a_new_event_loop_runs() -> None:
+    """A server stopped and started again in one process (as the tests do) runs on a new loop: the timer and loop
+    of the old one must not be reused."""
+    limits = Deadlines(0.1)
+
+    async def overrun() -> bool:
+        try:
+            with limits.limit():
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return True
+        return False
+
+    assert asyncio.run(overrun())
+    assert asyncio.run(overrun())

@@ -24,6 +24,7 @@ class Deadlines:
         self._keys = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # of the last limit entered
 
     def limit(self) -> Limit:
         """`with deadlines.limit(): await ...`: the block may run `seconds`, then `TimeoutError`."""
@@ -71,13 +72,19 @@ class Limit:
         self.expired = False
 
     def __enter__(self) -> Limit:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a time limit is only for code running in a task")
+        owner = self._owner
+        # The loop of the last limit, if it is this one: asking for the running loop costs a system call.
+        loop = owner.loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None or loop is None:
+            loop = owner.loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("a time limit is only for code running in a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + self._owner.seconds
+        self.loop = loop
+        self.deadline = loop.time() + owner.seconds
         self._key = self._owner._add(self)
         return self
 

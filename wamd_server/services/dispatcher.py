@@ -444,6 +444,9 @@ class Lane:
         finally:
             await asyncio.shield(self._record(batch, sent))
         await self._settle_on_exit()
+        # Not kept until the lane's next batch: a lane per device, each holding its last batch's rows, kept about
+        # as many objects alive as a broadcast has messages (and the collector walked them all).
+        self.results = self.claimed_results
         return True
 
     async def _record(self, batch: list[OutboxItem], sent: list[Sent]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Sequence
@@ -412,7 +413,7 @@ class SimTransport:
     async def _on_frame(self, frame: Frame) -> None:
         """Called in link order. Updates state at once, then queues the domain event for the device."""
         try:
-            device = self._device(UUID(str(frame.get("sid"))))
+            device = self._device(_session_id(str(frame.get("sid"))))
         except ValueError:
             log.warning("simulator event for an unknown session id: %r", frame.get("sid"))
             return
@@ -517,7 +518,15 @@ class SimTransport:
         return task
 
 
+@functools.lru_cache(maxsize=65_536)
+def _session_id(sid: str) -> UUID:
+    """A session id of an event as the device's id (parsed once per device, not once per event)."""
+    return UUID(sid)
+
+
 def _recipient_jid(to: str) -> str:
+    if to.isdigit():  # the outbox's recipients are digits already
+        return user_jid(to)
     if "@" in to:
         return to
     digits = "".join(ch for ch in to if ch.isdigit())

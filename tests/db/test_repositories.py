@@ -406,9 +406,19 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     assert looked_up == [[(d, h2)]] and [(r.type.value, r.message_ids) for r in announced] == [("read", (h2,))]
     writer.add(d, [sent["H1"]])
     await writer.close()
-    await receipts.close()
     assert (await status(h1), await status(h2)) == ("read", "read")
     assert await message_count(engine, d) == 2
+
+    # Sends held while their batch commits: a receipt waits for them; if the batch fails, they are released and
+    # the receipt is looked up as usual (and kept while its message is missing, for a later store to take).
+    looked_up.clear()
+    writer.hold(d, [sent["H3"]])
+    receipts.add(Receipt(d, CONTACT_JID, (h3,), ReceiptType.DELIVERED, T0))
+    await receipts.flush()
+    assert looked_up == []
+    writer.release(d, [sent["H3"]])
+    await receipts.flush()
+    assert looked_up == [[(d, h3)]]
 
     # A text a plugin changed before the send is the one in the history; a device deleted while its sends wait
     # takes them along, and the others' are stored.
@@ -419,7 +429,8 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     writer.add(d, [sent["H3"], edited["H4"]])
     assert await devices.delete(gone.id)
     await writer.close()
-    assert await status(h3) == "sent"
+    await receipts.close()
+    assert await status(h3) == "delivered"  # the receipt kept above, taken with its message
     assert (await stored(edited["H4"].wa_id) or ("",))[1] == "changed by a plugin"
     assert await message_count(engine, gone.id) == 0
 

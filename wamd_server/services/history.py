@@ -40,6 +40,8 @@ class SentHistoryStore(Protocol):
 class ReceiptTaker(Protocol):
     def hold(self, keys: Iterable[tuple[UUID, str]]) -> None: ...
 
+    def release(self, keys: Iterable[tuple[UUID, str]]) -> None: ...
+
     def take(self, keys: Iterable[tuple[UUID, str]]) -> Taken: ...
 
     def stored(self, taken: Taken) -> None: ...
@@ -58,6 +60,17 @@ class HistoryWriter:
         self._one_by_one = False
         self._failures: dict[UUID, int] = {}
         self._task: asyncio.Task[None] | None = None
+
+    def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+        """These sends will be handed over (`add`) once their batch commits: their receipts wait for the writer
+        meanwhile instead of being looked up in vain (a batch's first receipts come before its commit)."""
+        if self._receipts is not None:
+            self._receipts.hold((device_id, s.wa_id) for s in sent)
+
+    def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+        """Held sends whose batch did not commit: not coming (their rows are sent again later)."""
+        if self._receipts is not None:
+            self._receipts.release((device_id, s.wa_id) for s in sent)
 
     def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
         """Store these sends (rows committed `sent`) with the next flush."""

@@ -76,6 +76,19 @@ class ReceiptBatcher:
         first sends of a batch, are looked up as usual until taken.)"""
         self._held.update(keys)
 
+    def release(self, keys: Iterable[Key]) -> None:
+        """Held messages that will not be stored after all (their batch failed): their receipts are looked up as
+        usual again."""
+        released = set(keys) & self._held
+        if not released:
+            return
+        self._held -= released
+        for kind, parked in self._parked.items():
+            for key in released & parked.keys():
+                self._pending.setdefault(kind, {}).setdefault(key, parked.pop(key))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="receipt-batcher")
+
     def take(self, keys: Iterable[Key]) -> Taken:
         """The receipts of these messages that came before the message was stored, no longer waiting here (nor
         held): the caller stores each message with its latest status, then hands them back (`stored`)."""

@@ -66,9 +66,15 @@ class LockedBatch:
     ended, when its next queued row is due: reads the lane would otherwise make on connections of their own."""
 
     def __init__(
-        self, device_id: UUID, device: Device | None, items: list[OutboxItem], max_open_s: float, history_later: bool
+        self,
+        device_id: UUID,
+        device: Device | None,
+        items: list[OutboxItem],
+        max_open_s: float,
+        history: HistorySink | None,
     ) -> None:
-        self.history_later = history_later
+        self.history = history
+        self.history_later = history is not None
         self.device = device
         self.items = items
         self.next_due: datetime | None = None
@@ -96,6 +102,8 @@ class LockedBatch:
     async def sent(self, sent: Sequence[Sent], history: Sequence[InboundMessage]) -> None:
         self._sent.extend(sent)
         self._history.extend(history)
+        if self.history is not None:
+            self.history.hold(self.device_id, sent)
 
     @property
     def sent_rows(self) -> list[Sent]:
@@ -119,7 +127,14 @@ class LockedBatch:
 
 
 class HistorySink(Protocol):
+    """Where a batch's sends go for the chat history (`services/history.py`): held when the lane records them,
+    added once their rows are committed, released if the batch fails."""
+
+    def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
     def add(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
+    def release(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
 
 
 class LockedBatches:
@@ -147,13 +162,14 @@ class LockedBatches:
         }
         async with self._open, driver_connection(self._engine) as pg:
             committed = False
+            batch: LockedBatch | None = None
             await pg.execute("BEGIN")
             try:
                 found = await (await pg.execute(DEVICE_BY_ID_PG, params)).fetchone()
                 rows = await (await pg.execute(LOCK_DUE_PG, params, binary=True)).fetchall() if found else []
                 device = device_from_tuple(found) if found else None
                 items = [item_from_tuple(r) for r in rows]
-                batch = LockedBatch(device_id, device, items, self._max_open_s, self._history is not None)
+                batch = LockedBatch(device_id, device, items, self._max_open_s, self._history)
                 try:
                     yield batch
                 finally:
@@ -161,9 +177,12 @@ class LockedBatches:
                     await asyncio.shield(self._commit(pg, batch))
                     committed = True
             finally:
-                if not committed and not pg.closed:
-                    with contextlib.suppress(psycopg.Error):
-                        await pg.execute("ROLLBACK")
+                if not committed:
+                    if self._history is not None and batch is not None and batch.sent_rows:
+                        self._history.release(device_id, batch.sent_rows)
+                    if not pg.closed:
+                        with contextlib.suppress(psycopg.Error):
+                            await pg.execute("ROLLBACK")
 
     async def _commit(self, pg: psycopg.AsyncConnection[Any], batch: LockedBatch) -> None:
         await batch.write(pg)

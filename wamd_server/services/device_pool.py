@@ -347,6 +347,12 @@ class DevicePool:
         if queue is not None:
             queue.append(event)
             return
+        if type(event) is te.Receipt:
+            # Nothing of the device waits before it and taking it is instant: no task per receipt (a broadcast
+            # brings one a message).
+            if self._owns(event.device_id):
+                self.receipts.add(event)
+            return
         self._queues[event.device_id] = deque([event])
         self._spawn(self._drain(event.device_id), f"events-{event.device_id}")
 

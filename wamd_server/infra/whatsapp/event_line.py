@@ -45,6 +45,11 @@ class EventLine:
         if self._task is None:
             self._task = spawn(self._drain(device_id, sink))
 
+    @property
+    def idle(self) -> bool:
+        """Nothing of this device waits to be delivered: an event may go to the sink directly, in order."""
+        return self._task is None
+
     def clear(self) -> None:
         """Drop what waits and stop draining (the transport is closing)."""
         self._items = None

@@ -411,7 +411,8 @@ class SimTransport:
     # --- events ---------------------------------------------------------------------------------------
 
     async def _on_frame(self, frame: Frame) -> None:
-        """Called in link order. Updates state at once, then queues the domain event for the device."""
+        """Called in link order. Updates state at once, then hands the domain event to the sink: directly when
+        nothing of the device is waiting (the pool's sink only queues it), else behind what waits."""
         try:
             device = self._device(_session_id(str(frame.get("sid"))))
         except ValueError:
@@ -421,6 +422,15 @@ class SimTransport:
             pre, event = self._translate(device, frame)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed simulator event %r: %s", frame.get("ev"), exc)
+            return
+        if pre is None and event is not None and device.events.idle and not self._closed:
+            # Most events (a broadcast's receipts) need no preparation: no task per event to deliver them.
+            sink = self._sink
+            if sink is not None:
+                try:
+                    await sink(event)
+                except Exception:
+                    log.exception("event sink failed on %s", type(event).__name__)
             return
         if pre is not None or event is not None:
             self._enqueue(device, pre, event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import secrets
 import uuid
@@ -35,7 +36,7 @@ from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
 from wamd_server.services.history import HistoryWriter
-from wamd_server.services.receipts import ReceiptBatcher
+from wamd_server.services.receipts import ANNOUNCE_PER_DEVICE, ANNOUNCE_PER_FLUSH, ReceiptBatcher
 from wamd_server.services.users import UserService
 
 EVERYTHING = DeviceScope.everything()
@@ -433,6 +434,31 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     assert await status(h3) == "delivered"  # the receipt kept above, taken with its message
     assert (await stored(edited["H4"].wa_id) or ("",))[1] == "changed by a plugin"
     assert await message_count(engine, gone.id) == 0
+
+
+async def test_a_burst_of_receipts_is_stored_but_announced_within_budgets(engine: AsyncEngine) -> None:
+    """A broadcast brings a receipt per chat over many devices at once: each flush announces at most
+    `ANNOUNCE_PER_DEVICE` chats per device and `ANNOUNCE_PER_FLUSH` in all (clients are not flooded)."""
+    announced: list[Receipt] = []
+
+    async def announce(receipts: list[Receipt]) -> None:
+        announced.extend(receipts)
+
+    batcher = ReceiptBatcher(SqlMessageRepository(engine), announce)
+    device_ids = [uuid.uuid4() for _ in range(30)]
+    keys = [(d, f"B{d.hex[:8]}{n:03d}") for d in device_ids for n in range(25)]
+    batcher.hold(keys)
+    for d, wa_id in keys:
+        batcher.add(Receipt(d, f"6019{wa_id[-3:]}@s.whatsapp.net", (wa_id,), ReceiptType.DELIVERED, T0))
+    taken = batcher.take(keys)
+    assert len(taken.statuses) == len(keys) == 750
+    batcher.stored(taken)
+    await batcher.flush()
+    per_device = collections.Counter(r.device_id for r in announced)
+    assert len(announced) == ANNOUNCE_PER_FLUSH
+    assert max(per_device.values()) == ANNOUNCE_PER_DEVICE
+    assert all(len(r.message_ids) == 1 for r in announced)
+    await batcher.close()
 
 
 # --- transport sessions ----------------------------------------------------------------------------------------

@@ -56,8 +56,6 @@ QR_REQUIRED = "qr_required"
 # Reconnect delays after failures (connect refused, link not answering), growing per attempt.
 RETRY_DELAYS_S = (2.0, 5.0, 15.0, 60.0, 300.0)
 SUSPECT_DISCONNECT_TIMEOUT_S = 5.0
-# A burst of receipts for many chats (a broadcast) is stored, not announced chat by chat.
-RECEIPT_EVENTS_MAX = 20
 
 
 class ConnectPacer:
@@ -512,12 +510,9 @@ class DevicePool:
         self.receipts.add(event)
 
     async def _announce_receipts(self, receipts: list[te.Receipt]) -> None:
-        per_device: dict[UUID, int] = {}
+        # (A broadcast's receipts are stored, not announced chat by chat: the batcher limits what comes here.)
         for receipt in receipts:
-            per_device[receipt.device_id] = per_device.get(receipt.device_id, 0) + 1
-            # A broadcast's receipts (many chats at once) are stored, not announced one chat at a time.
-            if per_device[receipt.device_id] <= RECEIPT_EVENTS_MAX:
-                await self._publish(device_events.message_status_event(receipt, self._clock.now()))
+            await self._publish(device_events.message_status_event(receipt, self._clock.now()))
 
     async def _on_history(self, event: te.HistoryChunk) -> None:
         chats = set()

@@ -4,7 +4,9 @@ WhatsApp sends one receipt per message; a broadcast means thousands per minute. 
 and stored with one statement per status. A receipt can overtake the storing of its message (sends are recorded
 after their batch; unpaced sends' chat history a moment later, see `history.py`): the history writer takes those
 (`take`) and stores the status with the message, which spares the message a second write; the others wait and
-are tried again for a while.
+are tried again for a while. Each flush announces the chats whose messages moved (`message.status`), at most
+`ANNOUNCE_PER_DEVICE` per device and `ANNOUNCE_PER_FLUSH` in all: a broadcast's receipts (a chat each, thousands a
+second over all devices) are stored, not announced chat by chat to every client.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from wamd_server.domain.events import Receipt, ReceiptType
 log = logging.getLogger(__name__)
 
 Key = tuple[UUID, str]  # device, message id
+ANNOUNCE_PER_DEVICE = 20
+ANNOUNCE_PER_FLUSH = 200
 
 
 @dataclass
@@ -40,6 +44,37 @@ class StatusStore(Protocol):
 Announce = Callable[[list[Receipt]], Awaitable[None]]
 # Delivered before read before played, so a message's status only moves forward.
 KINDS = (ReceiptType.DELIVERED, ReceiptType.READ, ReceiptType.PLAYED)
+
+
+class _Announcements:
+    """The chats one flush announces, within its budgets (see the module's docstring)."""
+
+    def __init__(self, per_flush: int, per_device: int) -> None:
+        self.by_chat: dict[tuple[UUID, str], list[str]] = {}
+        self._left = per_flush
+        self._per_device = per_device
+        self._devices: dict[UUID, int] = {}
+
+    def add(self, device_id: UUID, chat: str, wa_id: str) -> bool:
+        """Announce this message's chat if the budgets allow; False once the flush's budget is spent."""
+        ids = self.by_chat.get((device_id, chat))
+        if ids is not None:
+            ids.append(wa_id)
+            return True
+        if self._left <= 0:
+            return False
+        chats = self._devices.get(device_id, 0)
+        if chats < self._per_device:
+            self._devices[device_id] = chats + 1
+            self._left -= 1
+            self.by_chat[(device_id, chat)] = [wa_id]
+        return True
+
+    def receipts(self, kind: ReceiptType) -> list[Receipt]:
+        at = datetime.now(UTC)
+        receipts = [Receipt(device, chat, tuple(ids), kind, at) for (device, chat), ids in self.by_chat.items()]
+        self.by_chat = {}
+        return receipts
 
 
 class ReceiptBatcher:
@@ -127,11 +162,12 @@ class ReceiptBatcher:
         taken, self._taken = self._taken, {}
         now = time.monotonic()
         announced: list[Receipt] = []
+        announce = _Announcements(ANNOUNCE_PER_FLUSH, ANNOUNCE_PER_DEVICE)
         for i, kind in enumerate(KINDS):
             bucket = pending.get(kind, {})
-            by_chat: dict[tuple[UUID, str], list[str]] = {}
             for key, (chat, _) in taken.get(kind, {}).items():
-                by_chat.setdefault((key[0], chat), []).append(key[1])
+                if not announce.add(key[0], chat, key[1]):
+                    break  # stored with their messages already; only their announcement is spared
             try:
                 found = await self._store.mark_status(list(bucket), kind.value) if bucket else set()
             except BaseException:
@@ -144,13 +180,14 @@ class ReceiptBatcher:
                     for key, value in pending.get(later, {}).items():
                         self._pending.setdefault(later, {}).setdefault(key, value)
                 raise
+            announcing = True
             for key, (chat, seen) in bucket.items():
                 if key in found:
-                    by_chat.setdefault((key[0], chat), []).append(key[1])
+                    if announcing:
+                        announcing = announce.add(key[0], chat, key[1])
                 elif now - seen < self._keep_s:
                     self._pending.setdefault(kind, {})[key] = (chat, seen)
-            at = datetime.now(UTC)
-            announced += [Receipt(device, chat, tuple(ids), kind, at) for (device, chat), ids in by_chat.items()]
+            announced += announce.receipts(kind)
         if announced:
             await self._announce(announced)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -29,11 +30,11 @@ from wamd_server.domain.ports import DeviceScope, Sent
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, SqlDeviceRepository, device_from_tuple
 from wamd_server.infra.db.engine import create_engine, driver_connection
-from wamd_server.infra.db.locked_batch import LOCK_DUE_PG
+from wamd_server.infra.db.locked_batch import LOCK_DUE_PG, LockedBatches
 from wamd_server.infra.db.messages import SqlMessageRepository
 from wamd_server.infra.db.outbox import CLAIM_COLUMNS, NewMessage, SqlOutboxRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
-from wamd_server.infra.db.tables import chats, messages, metadata
+from wamd_server.infra.db.tables import chats, messages, metadata, outbox
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
 from wamd_server.services.history import HistoryWriter
 from wamd_server.services.receipts import ANNOUNCE_PER_DEVICE, ANNOUNCE_PER_FLUSH, ReceiptBatcher
@@ -432,7 +433,8 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     await writer.close()
     await receipts.close()
     assert await status(h3) == "delivered"  # the receipt kept above, taken with its message
-    assert (await stored(edited["H4"].wa_id) or ("",))[1] == "changed by a plugin"
+    h4 = await stored(edited["H4"].wa_id)
+    assert h4 is not None and h4[1] == "changed by a plugin"
     assert await message_count(engine, gone.id) == 0
 
 
@@ -459,6 +461,50 @@ async def test_a_burst_of_receipts_is_stored_but_announced_within_budgets(engine
     assert max(per_device.values()) == ANNOUNCE_PER_DEVICE
     assert all(len(r.message_ids) == 1 for r in announced)
     await batcher.close()
+
+
+async def test_a_locked_batch_cancelled_while_committing_still_commits_and_hands_over_its_sends(
+    fresh_pg_url: str,
+) -> None:
+    """A lane cancelled (its device went offline) just as its locked batch commits: the commit runs to its end
+    before the cancel goes on; the sent rows are not put back in the queue (no ROLLBACK between its statements),
+    and the history writer is given them."""
+    engine = create_engine(fresh_pg_url)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add("Cancelled", None, None)
+        rows = SqlOutboxRepository(engine)
+        new = [NewMessage(device.id, CONTACT, f"text {n}", SourceKind.MANUAL, f"cancel-{n}", T0) for n in range(3)]
+        await rows.enqueue(new, T0)
+        handed: list[Sent] = []
+
+        class Writer:
+            def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
+            def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+                raise AssertionError("released sends whose batch committed")
+
+            def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+                handed.extend(sent)
+
+        batches = LockedBatches(engine, max_open=2, history=Writer())
+
+        async def lane() -> None:
+            async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as batch:
+                assert len(batch.items) == 3
+                await batch.sent([Sent(i.id, T0, T0, i.wa_message_id) for i in batch.items], [])
+                # The cancel lands while the batch is committing.
+                asyncio.get_running_loop().call_soon(task.cancel)
+
+        task = asyncio.create_task(lane())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with engine.connect() as conn:
+            statuses = (await conn.execute(select(outbox.c.status).where(outbox.c.device_id == device.id))).scalars()
+            assert sorted(statuses) == ["sent", "sent", "sent"]
+        assert len(handed) == 3
+    finally:
+        await engine.dispose()
 
 
 # --- transport sessions ----------------------------------------------------------------------------------------

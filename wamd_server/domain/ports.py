@@ -36,6 +36,8 @@ class Clock(Protocol):
 
 # --- WhatsApp link -----------------------------------------------------------------------------------------
 
+# Where a transport delivers its events. It must not block (it queues the event and returns): a transport may
+# call it from the reader of a link that many devices share.
 TransportEventSink = Callable[[TransportEvent], Awaitable[None]]
 
 

@@ -60,7 +60,8 @@ def wamd_distribute_leads(campaign: Any, leads: Any, devices: Any, ctx: Any) -> 
 def wamd_before_send(item: Any) -> Any:
     """Inspect, edit or veto an outbound message just before it is sent.
 
-    ``item`` is the outbox item (recipient, text, device, source). A plugin may change ``item.text`` in place.
+    ``item`` is the outbox item (recipient, text, device, source). A plugin may change ``item.text`` in place;
+    the item has fixed fields (it takes no attributes of a plugin's own).
     Return ``False`` or a non-empty string (the reason) to veto: the message is then cancelled with that reason
     and never sent. Return ``None`` to let it go.
     """
@@ -71,8 +72,8 @@ def wamd_message_received(device: Any, message: Any) -> Any:
     """A message reached one of our devices and was stored.
 
     ``device`` is the :class:`~wamd_server.domain.models.Device`, ``message`` the
-    :class:`~wamd_server.domain.models.InboundMessage`. Called after the database commit, once per message
-    (a redelivered message id is not reported again). Also called for messages our own account sent from the
+    :class:`~wamd_server.domain.models.InboundMessage` (fixed fields). Called after the database commit, once per
+    message (a redelivered message id is not reported again). Also called for messages our own account sent from the
     phone (``message.from_me``).
     """
 

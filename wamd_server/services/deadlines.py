@@ -52,6 +52,9 @@ class Deadlines:
         while running:
             key = next(iter(running))
             limit = running[key]
+            if limit.loop.is_closed():  # left behind by a loop that ended: no task to cancel
+                del running[key]
+                continue
             if limit.deadline > limit.loop.time() + _EARLY_S:
                 self._arm(limit)
                 return

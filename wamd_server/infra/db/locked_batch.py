@@ -75,6 +75,7 @@ class LockedBatch:
     ) -> None:
         self.history = history
         self.history_later = history is not None
+        self.committed = False
         self.device = device
         self.items = items
         self.next_due: datetime | None = None
@@ -126,6 +127,23 @@ class LockedBatch:
             )
 
 
+async def _outlast(task: asyncio.Future[None]) -> None:
+    """Await `task` to its end even if the caller is cancelled meanwhile (then the cancel is raised after): a
+    commit must finish before anything else touches its connection, and before anyone decides it failed (a
+    ROLLBACK sent between its statements would put sent rows back in the queue)."""
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class HistorySink(Protocol):
     """Where a batch's sends go for the chat history (`services/history.py`): held when the lane records them,
     added once their rows are committed, released if the batch fails."""
@@ -161,7 +179,6 @@ class LockedBatches:
             "held": HELD_CAMPAIGNS,
         }
         async with self._open, driver_connection(self._engine) as pg:
-            committed = False
             batch: LockedBatch | None = None
             await pg.execute("BEGIN")
             try:
@@ -174,10 +191,9 @@ class LockedBatches:
                     yield batch
                 finally:
                     # What was sent is recorded even when the lane is cancelled meanwhile (device offline).
-                    await asyncio.shield(self._commit(pg, batch))
-                    committed = True
+                    await _outlast(asyncio.ensure_future(self._commit(pg, batch)))
             finally:
-                if not committed:
+                if batch is None or not batch.committed:
                     if self._history is not None and batch is not None and batch.sent_rows:
                         self._history.release(device_id, batch.sent_rows)
                     if not pg.closed:
@@ -191,6 +207,7 @@ class LockedBatches:
             row = await (await pg.execute(NEXT_DUE_PG, params)).fetchone()
             batch.next_due = utc_or_none(row[0]) if row is not None else None
         await pg.execute("COMMIT")
+        batch.committed = True
         if self._history is not None and batch.sent_rows:
             # Only once committed: the history writer reads the messages from their rows, `sent` by then.
             self._history.add(batch.device_id, batch.sent_rows)

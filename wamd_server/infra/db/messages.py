@@ -51,12 +51,11 @@ WHERE m.from_me AND NOT EXISTS (SELECT 1 FROM moved WHERE moved.n = k.n)
 """
 
 # Postgres: a batch of our own sends as two data-modifying CTEs, one per table, each taking the batch as arrays
-# (instead of one statement per row); the outbox runs them in the statement that marks a claimed batch sent, the
-# history writer (`services/history.py`) on its own for the sends of many devices. Row ids come from
-# gen_random_uuid() (Postgres 13+) rather than from Python. A message goes in with the status of the receipts that
-# overtook it (`InboundMessage.status`); one stored already only moves forward. Sends of a device deleted meanwhile
-# are skipped (the history writer stores them a moment later), and rows go in key order, so two such statements
-# over the same rows cannot deadlock.
+# (instead of one statement per row); the outbox runs them in the statement that marks a claimed batch sent (and
+# when a lane adds sends missing from the history). Row ids come from gen_random_uuid() (Postgres 13+) rather than
+# from Python. A message goes in with the status of the receipts that overtook it (`InboundMessage.status`); one
+# stored already only moves forward. Sends of a device deleted meanwhile are skipped, and rows go in key order, so
+# two such statements over the same rows cannot deadlock.
 SENT_HISTORY_CTES_PG = """
 history AS (
     INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
@@ -87,7 +86,8 @@ chat AS (
 """
 # Postgres: the history writer's sends (`services/history.py`), each message read from its outbox row: only the
 # row ids travel, with the statuses their receipts brought and the texts plugins changed (NULL: the row's). Rows
-# gone meanwhile (their device deleted) are skipped with them. The same order and rules as `SENT_HISTORY_CTES_PG`;
+# gone meanwhile (their device deleted), or not `sent` (never expected: they are handed over once committed so),
+# are skipped. The same order and rules as `SENT_HISTORY_CTES_PG`;
 # "C" collation orders message ids and chats as Python sorts them (`_key_order`), the order receipts lock rows in.
 _HISTORY_FROM_OUTBOX_PG = """
 WITH sent AS (
@@ -96,7 +96,7 @@ WITH sent AS (
            CASE WHEN o.media_id IS NULL THEN NULL ELSE 'image' END AS media_type,
            coalesce(o.server_ts, o.sent_at) AS sent_at, coalesce(k.status, 'sent') AS status
     FROM unnest(%(ids)b::uuid[], %(texts)b::text[], %(statuses)b::text[]) AS k(id, text, status)
-    JOIN outbox o ON o.id = k.id
+    JOIN outbox o ON o.id = k.id AND o.status = 'sent'
     ORDER BY o.device_id, o.wa_message_id COLLATE "C",
              array_position(%(order)s::text[], coalesce(k.status, 'sent')) DESC
 ),
@@ -311,7 +311,7 @@ def _preview(m: InboundMessage) -> str:
 
 
 def sent_history_params(sent: Sequence[tuple[UUID, InboundMessage]]) -> dict[str, Any]:
-    """The parameters of `SENT_HISTORY_CTES_PG` for sends of one device or many, as (device, message) pairs."""
+    """The parameters of `SENT_HISTORY_CTES_PG` for sends as (device, message) pairs."""
     sent = _distinct(sent)
     latest = _latest_per_chat(sent)
     return {

@@ -2,7 +2,7 @@
 
 A device's events reach the sink in the order they happened, each after its pre-action (storing credentials,
 cleaning up an ended session). One short-lived task drains a device's line while it has events: no task sits
-waiting per device, and a slow sink delays only that device.
+waiting per device. A transport may hand an event to the sink itself while the line is `idle`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ It behaves as the neonize transport does against real WhatsApp: after a remote d
 with a growing delay (whatsmeow: 2 s x attempts); after `stream_replaced`, a ban or a logout it does not.
 An explicit `disconnect`/`logout`/`close` always wins over a pending automatic reconnect.
 
-Events reach the sink in order per device but concurrently across devices, each device through its own small
-queue drained by a task that exists only while there is something to deliver.
+Events reach the sink in order per device. One that needs no preparation, of a device with nothing waiting, is
+handed to the sink at once from the link's reader (the sink must queue and return, see `TransportEventSink`);
+the others go through the device's own small queue, drained by a task that exists only while there is something
+to deliver.
 """
 
 from __future__ import annotations

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from tests.conftest import Server, ServerFactory, eventually
+from typing import Any
+
+from tests.conftest import Server, ServerFactory, WsClient, eventually
+from wamd_server.sim.network import SimNetwork
 
 PHONE = "60123000091"
 CONTACT = "60198000091"
 
 
-async def test_chat_list_history_send_and_read(server: Server) -> None:
+async def desk(server: Server) -> tuple[WsClient, dict[str, Any], SimNetwork]:
+    """A device paired on PHONE (typing off, so a message goes out at once), its event socket and the network."""
     ws = await server.ws()
     device = await server.create_device("Desk")
     await server.pair_by_qr(device["id"], PHONE, ws)
     await server.ok("PATCH", f"/api/devices/{device['id']}", json={"typing": False})
     network = server.runtime.sim_network
     assert network is not None
+    return ws, device, network
+
+
+async def test_chat_list_history_send_and_read(server: Server) -> None:
+    ws, device, network = await desk(server)
     incoming = await network.contact_send(CONTACT, PHONE, "Hello, is it available?", push_name="Aisyah")
     await ws.wait_event("message.new", device["id"])
 
@@ -83,12 +92,7 @@ async def test_a_send_the_phone_never_acknowledges_goes_out_once_when_it_answers
     make_server: ServerFactory, database_url: str
 ) -> None:
     server = await make_server(database_url, WAMD_SEND_ACK_TIMEOUT_S="1")
-    ws = await server.ws()
-    device = await server.create_device("Desk")
-    await server.pair_by_qr(device["id"], PHONE, ws)
-    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"typing": False})
-    network = server.runtime.sim_network
-    assert network is not None
+    ws, device, network = await desk(server)
     await server.sim("POST", "/faults", {"phone": PHONE, "unresponsive": True})
     path = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
     sent = await server.ok("POST", path, json={"text": "Are you there?"})

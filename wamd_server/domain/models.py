@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+from wamd_server.domain.ids import user_jid
+
 
 class Role(enum.StrEnum):
     ADMIN = "admin"
@@ -101,6 +103,24 @@ class InboundMessage:
     media_type: str | None = None
     sender_lid: str | None = None
     status: str | None = None  # our own sends as we store them: the latest receipt already known (None: sent)
+
+    @classmethod
+    def own_send(
+        cls, wa_id: str, recipient: str, text: str, timestamp: datetime, has_media: bool, status: str | None = None
+    ) -> InboundMessage:
+        """A message one of our devices sent to `recipient` (phone digits), as its chat history keeps it."""
+        return cls(
+            wa_id=wa_id,
+            chat_jid=user_jid(recipient),
+            sender_jid="",
+            sender_phone=None,
+            from_me=True,
+            is_group=False,
+            text=text,
+            timestamp=timestamp,
+            media_type="image" if has_media else None,
+            status=status,
+        )
 
 
 @dataclass(slots=True)

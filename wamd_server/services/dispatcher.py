@@ -466,17 +466,10 @@ class Lane:
             history = [self._as_message(item, s) for item, s in missing]
             await self.d.outbox.record_sent(self.device_id, [], history)
 
-    def _as_message(self, item: OutboxItem, sent: Sent) -> InboundMessage:
-        return InboundMessage(
-            wa_id=item.wa_message_id,
-            chat_jid=user_jid(item.recipient),
-            sender_jid="",
-            sender_phone=None,
-            from_me=True,
-            is_group=False,
-            text=item.text,
-            timestamp=sent.server_ts,
-            media_type="image" if item.media_id else None,
+    @staticmethod
+    def _as_message(item: OutboxItem, sent: Sent) -> InboundMessage:
+        return InboundMessage.own_send(
+            item.wa_message_id, item.recipient, item.text, sent.server_ts, bool(item.media_id)
         )
 
     async def _prepare(self, item: OutboxItem, opted_out: bool) -> OutboundMessage | None:

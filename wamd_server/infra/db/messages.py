@@ -12,7 +12,7 @@ from uuid import UUID
 from sqlalchemy import case, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from wamd_server.domain.ids import USER_SERVER, user_jid
+from wamd_server.domain.ids import USER_SERVER
 from wamd_server.domain.models import InboundMessage
 from wamd_server.domain.ports import HistorySend
 from wamd_server.infra.db.engine import driver_connection, is_postgres
@@ -291,17 +291,10 @@ def _latest_per_chat(sent: Sequence[tuple[UUID, InboundMessage]]) -> list[tuple[
 
 def _from_row(row: Any, send: HistorySend) -> tuple[UUID, InboundMessage]:
     """A send as its device's history message, from its outbox row."""
-    message = InboundMessage(
-        wa_id=row.wa_message_id,
-        chat_jid=user_jid(row.recipient),
-        sender_jid="",
-        sender_phone=None,
-        from_me=True,
-        is_group=False,
-        text=row.text if send.sent.edited_text is None else send.sent.edited_text,
-        timestamp=row.server_ts or row.sent_at,
-        media_type="image" if row.media_id else None,
-        status=send.status,
+    text = row.text if send.sent.edited_text is None else send.sent.edited_text
+    timestamp = row.server_ts or row.sent_at
+    message = InboundMessage.own_send(
+        row.wa_message_id, row.recipient, text, timestamp, row.media_id is not None, send.status
     )
     return row.device_id, message
 

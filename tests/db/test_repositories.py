@@ -15,10 +15,12 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy import Boolean, Connection, Uuid, column, func, inspect, select, text
+from sqlalchemy import table as table_clause
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,6 +37,7 @@ from wamd_server.infra.db.messages import SqlMessageRepository
 from wamd_server.infra.db.outbox import CLAIM_COLUMNS, NewMessage, SqlOutboxRepository
 from wamd_server.infra.db.sessions import SqlSessionStore
 from wamd_server.infra.db.tables import chats, messages, metadata, outbox
+from wamd_server.infra.db.types import UtcDateTime
 from wamd_server.infra.db.users import SqlTokenRepository, SqlUserRepository
 from wamd_server.services.history import HistoryWriter
 from wamd_server.services.receipts import ANNOUNCE_PER_DEVICE, ANNOUNCE_PER_FLUSH, ReceiptBatcher
@@ -134,6 +137,109 @@ async def test_fresh_databases_get_the_same_schema_on_both_backends(fresh_pg_url
     postgres, sqlite = schemas
     assert set(postgres) == {t.name for t in metadata.sorted_tables}
     assert postgres == sqlite
+
+
+def _upgrade_to(conn: Connection, revision: str) -> None:
+    cfg = migrate.alembic_config()
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, revision)
+
+
+def _downgrade_to(conn: Connection, revision: str) -> None:
+    cfg = migrate.alembic_config()
+    cfg.attributes["connection"] = conn
+    command.downgrade(cfg, revision)
+
+
+# The three tables as revision 0005 left them (the columns these tests write), typed for both backends.
+OLD_DEVICES = table_clause(
+    "devices",
+    column("id", Uuid),
+    column("name"),
+    column("status"),
+    column("created_at", UtcDateTime),
+    column("updated_at", UtcDateTime),
+)
+OLD_MESSAGES = table_clause(
+    "messages",
+    column("id", Uuid),
+    column("device_id", Uuid),
+    column("chat_jid"),
+    column("wa_message_id"),
+    column("from_me", Boolean),
+    column("text"),
+    column("sent_at", UtcDateTime),
+    column("created_at", UtcDateTime),
+)
+OLD_CHATS = table_clause(
+    "chats",
+    column("id", Uuid),
+    column("device_id", Uuid),
+    column("jid"),
+    column("is_group", Boolean),
+    column("last_message_text"),
+    column("unread_count"),
+    column("created_at", UtcDateTime),
+)
+
+
+def _history_rows(conn: Connection) -> list[Any]:
+    found = conn.execute(
+        text(
+            "SELECT m.wa_message_id, m.text, c.jid, c.last_message_text FROM messages m JOIN chats c "
+            "ON c.device_id = m.device_id AND c.jid = m.chat_jid ORDER BY m.wa_message_id"
+        )
+    )
+    return [tuple(r) for r in found]
+
+
+async def test_history_stored_before_the_natural_keys_migration_survives_it_both_ways(
+    fresh_pg_url: str, tmp_path: Any
+) -> None:
+    """0006 turns the unique (device, message id) and (device, chat) into the primary keys of `messages` and
+    `chats`, dropping their unused uuid ids: rows stored before are kept, and kept again by the downgrade."""
+    for url in (fresh_pg_url, f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"):
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_upgrade_to, "0005")
+                device = uuid.uuid4()
+                await conn.execute(
+                    OLD_DEVICES.insert(),
+                    {"id": device, "name": "d", "status": "online", "created_at": T0, "updated_at": T0},
+                )
+                for n in (1, 2):
+                    jid, said = f"6019900000{n}@s.whatsapp.net", f"hello {n}"
+                    common = {"id": uuid.uuid4(), "device_id": device, "created_at": T0}
+                    await conn.execute(
+                        OLD_MESSAGES.insert(),
+                        {
+                            **common,
+                            "chat_jid": jid,
+                            "wa_message_id": f"WA{n}",
+                            "from_me": True,
+                            "text": said,
+                            "sent_at": T0,
+                        },
+                    )
+                    await conn.execute(
+                        OLD_CHATS.insert(),
+                        {**common, "jid": jid, "is_group": False, "last_message_text": said, "unread_count": 0},
+                    )
+                before = await conn.run_sync(_history_rows)
+                await conn.run_sync(_upgrade_to, "head")
+                assert await conn.run_sync(_history_rows) == before
+                keys = await conn.run_sync(
+                    lambda c: {t: inspect(c).get_pk_constraint(t)["constrained_columns"] for t in ("messages", "chats")}
+                )
+                assert keys == {"messages": ["device_id", "wa_message_id"], "chats": ["device_id", "jid"]}
+                await conn.run_sync(_downgrade_to, "0005")
+                assert await conn.run_sync(_history_rows) == before
+                ids = await conn.execute(text("SELECT count(DISTINCT id) FROM messages"))
+                assert ids.scalar_one() == 2
+        finally:
+            await engine.dispose()
+        assert len(before) == 2
 
 
 # --- users and tokens ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class SqlChatRepository:
         query = (
             select(messages)
             .where(messages.c.device_id == device_id, messages.c.chat_jid == chat_jid)
-            .order_by(messages.c.sent_at.desc(), messages.c.id)
+            .order_by(messages.c.sent_at.desc(), messages.c.wa_message_id)
             .limit(limit)
         )
         if before is not None:

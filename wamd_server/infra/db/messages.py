@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -52,15 +51,14 @@ WHERE m.from_me AND NOT EXISTS (SELECT 1 FROM moved WHERE moved.n = k.n)
 
 # Postgres: a batch of our own sends as two data-modifying CTEs, one per table, each taking the batch as arrays
 # (instead of one statement per row); the outbox runs them in the statement that marks a claimed batch sent (and
-# when a lane adds sends missing from the history). Row ids come from gen_random_uuid() (Postgres 13+) rather than
-# from Python. A message goes in with the status of the receipts that overtook it (`InboundMessage.status`); one
-# stored already only moves forward. Sends of a device deleted meanwhile are skipped, and rows go in key order, so
-# two such statements over the same rows cannot deadlock.
+# when a lane adds sends missing from the history). A message goes in with the status of the receipts that
+# overtook it (`InboundMessage.status`); one stored already only moves forward. Sends of a device deleted meanwhile
+# are skipped, and rows go in key order, so two such statements over the same rows cannot deadlock.
 SENT_HISTORY_CTES_PG = """
 history AS (
-    INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
+    INSERT INTO messages (device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
                           sent_at, created_at)
-    SELECT gen_random_uuid(), m.device_id, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
+    SELECT m.device_id, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
            m.status, m.sent_at, %(h_now)s
     FROM unnest(%(h_devices)b::uuid[], %(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[],
                 %(h_texts)b::text[], %(h_media)b::text[], %(h_times)b::timestamptz[], %(h_status)b::text[])
@@ -71,9 +69,9 @@ history AS (
           > coalesce(array_position(%(h_order)s::text[], messages.status), 0)
 ),
 chat AS (
-    INSERT INTO chats AS c (id, device_id, jid, is_group, last_message_at, last_message_text, unread_count,
+    INSERT INTO chats AS c (device_id, jid, is_group, last_message_at, last_message_text, unread_count,
                             created_at)
-    SELECT gen_random_uuid(), n.device_id, n.jid, false, n.at, n.preview, 0, %(h_now)s
+    SELECT n.device_id, n.jid, false, n.at, n.preview, 0, %(h_now)s
     FROM unnest(%(c_devices)b::uuid[], %(c_jids)b::text[], %(c_times)b::timestamptz[], %(c_previews)b::text[])
          AS n(device_id, jid, at, preview)
     WHERE EXISTS (SELECT 1 FROM devices WHERE devices.id = n.device_id)
@@ -101,9 +99,9 @@ WITH sent AS (
              array_position(%(order)s::text[], coalesce(k.status, 'sent')) DESC
 ),
 history AS (
-    INSERT INTO messages (id, device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
+    INSERT INTO messages (device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
                           sent_at, created_at)
-    SELECT gen_random_uuid(), device_id, chat_jid, wa_message_id, true, NULL, text, media_type, status, sent_at,
+    SELECT device_id, chat_jid, wa_message_id, true, NULL, text, media_type, status, sent_at,
            %(now)s
     FROM sent
     ORDER BY device_id, wa_message_id COLLATE "C"
@@ -112,9 +110,9 @@ history AS (
           > coalesce(array_position(%(order)s::text[], messages.status), 0)
 ),
 chat AS (
-    INSERT INTO chats AS c (id, device_id, jid, is_group, last_message_at, last_message_text, unread_count,
+    INSERT INTO chats AS c (device_id, jid, is_group, last_message_at, last_message_text, unread_count,
                             created_at)
-    SELECT gen_random_uuid(), n.device_id, n.chat_jid, false, n.sent_at,
+    SELECT n.device_id, n.chat_jid, false, n.sent_at,
            CASE WHEN n.text <> '' THEN left(n.text, %(preview_chars)s)
                 WHEN n.media_type IS NOT NULL THEN '[image]' ELSE '' END,
            0, %(now)s
@@ -143,7 +141,6 @@ class SqlMessageRepository:
             stmt = (
                 insert_for(conn, messages)
                 .values(
-                    id=uuid.uuid4(),
                     device_id=device_id,
                     chat_jid=message.chat_jid,
                     wa_message_id=message.wa_id,
@@ -158,7 +155,7 @@ class SqlMessageRepository:
                     created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=[messages.c.device_id, messages.c.wa_message_id])
-                .returning(messages.c.id)
+                .returning(messages.c.wa_message_id)
             )
             # A row comes back only when the message is new (rowcount is not reliable for this on every driver).
             if (await conn.execute(stmt)).first() is None:
@@ -166,7 +163,6 @@ class SqlMessageRepository:
             unread = 0 if message.from_me else 1
             preview = message.text[:PREVIEW_CHARS] or (f"[{message.media_type}]" if message.media_type else "")
             chat = insert_for(conn, chats).values(
-                id=uuid.uuid4(),
                 device_id=device_id,
                 jid=message.chat_jid,
                 name=None if message.from_me else message.push_name,
@@ -338,7 +334,6 @@ async def write_sent(conn: AsyncConnection, sent: Sequence[tuple[UUID, InboundMe
     now = datetime.now(UTC)
     rows = [
         {
-            "id": uuid.uuid4(),
             "device_id": device_id,
             "chat_jid": m.chat_jid,
             "wa_message_id": m.wa_id,
@@ -363,7 +358,6 @@ async def write_sent(conn: AsyncConnection, sent: Sequence[tuple[UUID, InboundMe
     )
     chat_rows = [
         {
-            "id": uuid.uuid4(),
             "device_id": device_id,
             "jid": m.chat_jid,
             "is_group": False,

@@ -377,7 +377,7 @@ class SqlOutboxRepository:
         """Rows the device sent since `since` whose message is missing from its chat history: the history of
         unpaced sends is stored a moment after them (`services/history.py`), which a crash can prevent."""
         stored = (
-            select(messages.c.id)
+            select(messages.c.wa_message_id)
             .where(messages.c.device_id == outbox.c.device_id, messages.c.wa_message_id == outbox.c.wa_message_id)
             .exists()
         )
@@ -592,7 +592,7 @@ class SqlOutboxRepository:
             .group_by(outbox.c.device_id)
         )
         reply = (
-            select(messages.c.id)
+            select(messages.c.wa_message_id)
             .where(
                 messages.c.device_id == outbox.c.device_id,
                 messages.c.chat_jid == outbox.c.recipient + "@s.whatsapp.net",

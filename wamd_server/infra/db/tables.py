@@ -109,26 +109,23 @@ transport_sessions = Table(
 chats = Table(
     "chats",
     metadata,
-    Column("id", Uuid, primary_key=True),
-    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
-    Column("jid", String(128), nullable=False),
+    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("jid", String(128), primary_key=True),
     Column("name", String(200)),
     Column("is_group", Boolean, nullable=False, server_default="0"),
     Column("last_message_at", UtcDateTime),
     Column("last_message_text", Text),
     Column("unread_count", Integer, nullable=False, server_default="0"),
     Column("created_at", UtcDateTime, nullable=False),
-    UniqueConstraint("device_id", "jid"),
     Index("ix_chats_device_recent", "device_id", "last_message_at"),
 )
 
 messages = Table(
     "messages",
     metadata,
-    Column("id", Uuid, primary_key=True),
-    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
     Column("chat_jid", String(128), nullable=False),
-    Column("wa_message_id", String(128), nullable=False),
+    Column("wa_message_id", String(128), primary_key=True),
     Column("from_me", Boolean, nullable=False),
     Column("sender_jid", String(128)),
     Column("sender_phone", String(32)),
@@ -138,7 +135,6 @@ messages = Table(
     Column("status", String(16)),  # our sends: sent | delivered | read
     Column("sent_at", UtcDateTime, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
-    UniqueConstraint("device_id", "wa_message_id"),
     Index("ix_messages_chat_time", "device_id", "chat_jid", "sent_at"),
 )
 

@@ -41,7 +41,7 @@ async def test_bad_rows_are_reported_and_the_good_rows_imported(server: Server) 
     unknown_device = str(uuid.uuid4())
     lines = [
         b"name,phone,niche,target_status,trigger,device_id,notes,city",
-        b"Good One,012-300 0001,Skincare,Customer,welcome;promo,,first,KL",  # 1
+        b"Good One,012-300 0001,Skincare,Customer,welcome;promo,,first \xe2\x9c\x93,KL",  # 1: UTF-8 beyond ASCII
         b"Missing Phone,,Skincare,prospect,,,,",  # 2
         b"Short Phone,12,Skincare,prospect,,,,",  # 3
         b"Text Phone,call me maybe,Skincare,prospect,,,,",  # 4
@@ -52,7 +52,7 @@ async def test_bad_rows_are_reported_and_the_good_rows_imported(server: Server) 
         b"Too Many,0123000009,Skincare,prospect,,,,KL,surprise",  # 9
         b"Too Few,0123000010,Skincare",  # 10
         b"Nul,0123000011,Skin\x00care,prospect,,,,",  # 11
-        b"Latin-1,0123000012,Caf\xe9,prospect,,,,",  # 12
+        b"Latin-1,0123000012,Caf\xe9,prospect,,,,",  # 12: not UTF-8, in a file that is
         b'Blank Phone,"   ",Skincare,prospect,,,,',  # 13
         b"",  # 14: blank, skipped
         b'"Good, Two",+44 20 7946 0958,Property,,"a, b",,"two\r\nlines",Penang',  # 15
@@ -93,7 +93,9 @@ async def test_bad_rows_are_reported_and_the_good_rows_imported(server: Server) 
     assert sorted(leads) == ["442079460958", "60123000001", "60123000017", "60123000018", "60123000019"]
     one = leads["60123000001"]
     assert (one["name"], one["niche"], one["target_status"]) == ("Good One", "Skincare", "customer")
-    assert one["triggers"] == ["welcome", "promo"] and one["notes"] == "first" and one["fields"] == {"city": "KL"}
+    assert (
+        one["triggers"] == ["welcome", "promo"] and one["notes"] == "first \u2713" and one["fields"] == {"city": "KL"}
+    )
     two = leads["442079460958"]
     assert two["name"] == "Good, Two" and two["triggers"] == ["a", "b"] and two["notes"] == "two\r\nlines"
     assert two["target_status"] == "prospect" and two["fields"] == {"city": "Penang"}
@@ -147,6 +149,34 @@ async def test_headers_are_recognised_in_common_spellings_and_formats(server: Se
 
     tabs = b"WhatsApp\tname\tstatus\n60123000003\tTab\tprospect\n"
     assert (await upload(server, tabs))["created"] == 1
+
+
+async def test_a_windows_1252_file_from_excel_imports_with_its_accents(server: Server) -> None:
+    """Excel on Windows saves "CSV (Comma delimited)" as Windows-1252: read as such once a row is not UTF-8,
+    rows before it (plain ASCII) included; a byte Windows-1252 does not have fails its row only."""
+    lines = [
+        "name,phone,niche,notes".encode("cp1252"),
+        "Ali,0123000001,Kedai,ok".encode("cp1252"),  # ASCII: the same in both encodings
+        "José Núñez,0123000002,Café,price €25 \u2013 deposit".encode("cp1252"),
+        b"Broken \x81,0123000003,Caf\xe9,",  # 0x81 is not a Windows-1252 character
+        "Zoë,0123000004,Café,".encode("cp1252"),
+    ]
+    result = await upload(server, b"\r\n".join(lines) + b"\r\n")
+    assert (result["created"], result["rows"], result["encoding"]) == (3, 4, "windows-1252"), result
+    assert [(f["row"], f["field"]) for f in result["failed"]] == [(3, None)]
+    assert "not Windows-1252 text" in result["failed"][0]["error"]
+    leads = by_phone(await all_leads(server))
+    assert leads["60123000002"]["name"] == "José Núñez" and leads["60123000002"]["niche"] == "Café"
+    assert leads["60123000002"]["notes"] == "price €25 \u2013 deposit" and leads["60123000004"]["name"] == "Zoë"
+    assert leads["60123000001"]["name"] == "Ali"
+
+    # Told Windows-1252, a file is read so even where its bytes would also be UTF-8 ("é" in UTF-8 is "Ã©" there).
+    forced = await upload(server, "name,phone\nAndré,0123000005\n".encode(), encoding="windows-1252")
+    assert (forced["created"], forced["encoding"]) == (1, "windows-1252")
+    assert by_phone(await all_leads(server))["60123000005"]["name"] == "Andr\u00c3\u00a9"
+    utf8 = await upload(server, "name,phone\nJosé,0123000006\n".encode())
+    assert (utf8["created"], utf8["encoding"]) == (1, "utf-8")
+    assert by_phone(await all_leads(server))["60123000006"]["name"] == "José"
 
 
 async def test_mapping_and_defaults(server: Server) -> None:
@@ -230,7 +260,6 @@ async def test_bad_uploads_get_clear_errors_and_store_nothing(make_server: Serve
         (b"PK\x03\x04\x14\x00\x06\x00" + b"\x00" * 100, "Excel"),
         (b"\xff\xfen\x00a\x00m\x00e\x00", "UTF-16"),
         (b"na\x00me,phone\n", "not text"),
-        (b"n\xe9me,phone\n", "UTF-8"),
         (b'name,phone,notes\nA,0123000001,"never closed\n', None),
     ]:
         reply = await server.call("POST", "/api/leads/import", token, data=form(content))
@@ -239,6 +268,17 @@ async def test_bad_uploads_get_clear_errors_and_store_nothing(make_server: Serve
             continue
         error = assert_error(reply, 400, "invalid_input")
         assert words in error["message"], (content, error)
+
+    for content, encoding, words in [
+        (b"n\xe9me,phone\nA,0123000001\n", "utf-8", "not utf-8 text"),  # told UTF-8: a Windows-1252 header fails
+        (b"\xef\xbb\xbfn\xe9me,phone\nA,0123000001\n", "auto", "not utf-8 text"),  # the byte order mark says UTF-8
+        (b"n\x81me,phone\nA,0123000001\n", "auto", "not windows-1252 text"),  # neither (0x81 is unassigned)
+        (ok_csv, "latin-9", "encoding must be one of auto, utf-8, windows-1252"),
+    ]:
+        reply = await server.call("POST", "/api/leads/import", token, data=form(content, encoding=encoding))
+        error = assert_error(reply, 400, "invalid_input")
+        assert words in error["message"], (content, error)
+        assert error["details"]["field"] == ("encoding" if encoding == "latin-9" else "file")
 
     assert await all_leads(server) == []
 

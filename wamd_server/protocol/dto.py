@@ -259,6 +259,7 @@ class ImportResult(BaseModel):
     updated: int
     failed: list[ImportFailure]  # the first 1000 failed rows
     failed_count: int  # every failed row
+    encoding: str  # what the file was read as: utf-8 or windows-1252
 
 
 class LeadImportForm(BaseModel):
@@ -274,7 +275,14 @@ class LeadImportForm(BaseModel):
     default_target_status: TargetStatusName | None = None
     device_id: str | None = Field(default=None, description="owner device of rows without a device_id")
     import_id: str | None = Field(default=None, description="an id of the caller's choice for the progress events")
-    file: bytes = Field(description="the CSV (UTF-8; comma, semicolon or tab separated; first row the header)")
+    encoding: Literal["auto", "utf-8", "windows-1252"] | None = Field(
+        default=None,
+        description="the file's text encoding; auto (the default): UTF-8, or Windows-1252 (Excel's CSV on Windows) "
+        "when the file is not UTF-8 and held nothing beyond ASCII before",
+    )
+    file: bytes = Field(
+        description="the CSV (UTF-8 or Windows-1252; comma, semicolon or tab separated; first row the header)"
+    )
 
 
 # --- campaigns ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from wamd_server.domain.models import Lead, TargetStatus, User
 from wamd_server.domain.ports import BusEvent, Clock, DeviceRepository, EventBus
 from wamd_server.protocol.events import LEADS_IMPORT_PROGRESS
 from wamd_server.services.csv_records import Record, RecordSplitter
+from wamd_server.services.csv_text import UTF8, RowDecoder, encoding_option
 from wamd_server.services.devices import scope_of
 from wamd_server.services.phones import normalise_phone
 
@@ -142,6 +143,7 @@ class ImportOptions:
     default_target_status: str | None = None
     device_id: str | None = None
     import_id: str | None = None
+    encoding: str | None = None  # "utf-8", "windows-1252", or None / "auto": decided from the file (csv_text.py)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class ImportReport:
     updated: int = 0
     failed_count: int = 0
     failed: list[RowFailure] = field(default_factory=list)  # the first MAX_REPORTED_FAILURES
+    encoding: str = UTF8  # what the file was read as
 
     def fail(self, row: int, error: str, field_: str | None = None) -> None:
         self.failed_count += 1
@@ -413,6 +416,7 @@ class _ImportRun:
     default_status: TargetStatus | None
     default_device: UUID | None
     report: ImportReport
+    decoder: RowDecoder
     feed: _LineFeed = field(default_factory=_LineFeed)
     reader: Any = None
     device_ok: dict[UUID, bool] = field(default_factory=dict)
@@ -625,6 +629,10 @@ class LeadService:
         the error's details say how many).
         """
         report = ImportReport(import_id=self._import_id(options.import_id))
+        try:
+            decoder = RowDecoder(encoding_option(options.encoding))
+        except ValueError as exc:
+            raise InvalidInput(str(exc), {"field": "encoding"}) from None
         defaults = await self._import_defaults(user, options)
         splitter = RecordSplitter()
         run: _ImportRun | None = None
@@ -641,22 +649,23 @@ class LeadService:
                     )
                 if first:
                     first = False
-                    chunk = _check_text(chunk)
+                    chunk = _check_text(chunk, decoder)
                 for record in splitter.feed(chunk):
                     if run is None:
-                        run = self._start(user, record, options, defaults, report, splitter)
+                        run = self._start(user, record, options, defaults, report, splitter, decoder)
                         continue
                     row += 1
                     await self._row(run, row, record)
             for record in splitter.finish():
                 if run is None:
-                    run = self._start(user, record, options, defaults, report, splitter)
+                    run = self._start(user, record, options, defaults, report, splitter, decoder)
                     continue
                 row += 1
                 await self._row(run, row, record)
             if run is None:
                 raise InvalidInput("the file is empty; it needs a header row and a row per lead", {"field": "file"})
             await self._flush(run)
+            report.encoding = decoder.encoding
         except Exception as exc:
             if run is not None:  # tell the progress listeners the import ended
                 await self._progress(user, report, done=True, error=_reason(exc))
@@ -696,6 +705,7 @@ class LeadService:
         defaults: tuple[str | None, TargetStatus | None, UUID | None],
         report: ImportReport,
         splitter: RecordSplitter,
+        decoder: RowDecoder,
     ) -> _ImportRun:
         """Read the header row and plan the columns (any problem here stops the import before it stores)."""
         if record.problem is not None:
@@ -703,10 +713,10 @@ class LeadService:
         if b"\x00" in record.data:
             raise InvalidInput("the file is not text (it contains NUL bytes); upload a CSV file", {"field": "file"})
         try:
-            text = record.data.decode("utf-8")
-        except UnicodeDecodeError:
+            text = decoder.decode(record.data)
+        except ValueError:
             raise InvalidInput(
-                "the header row is not UTF-8 text; save the file as CSV UTF-8", {"field": "file"}
+                f"the header row is not {decoder.encoding} text; save the file as CSV UTF-8", {"field": "file"}
             ) from None
         if not text.strip():
             raise InvalidInput("the first row of the file must be the header (it is empty)", {"field": "file"})
@@ -718,7 +728,7 @@ class LeadService:
             raise InvalidInput(f"the header row cannot be read: {exc}", {"field": "file"}) from None
         columns = plan_columns(headers, options.mapping)
         niche, status, device = defaults
-        return _ImportRun(user, columns, delimiter, niche, status, device, report)
+        return _ImportRun(user, columns, delimiter, niche, status, device, report, decoder)
 
     async def _row(self, run: _ImportRun, row: int, record: Record) -> None:
         try:
@@ -746,9 +756,9 @@ class LeadService:
         if b"\x00" in data:
             raise RowError("the row contains a NUL byte (is the file text?)")
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RowError("the row is not valid UTF-8 text; save the file as CSV UTF-8") from None
+            text = run.decoder.decode(data)
+        except ValueError as exc:
+            raise RowError(str(exc)) from None
         run.feed.line = text
         try:
             cells: list[str] = next(run.reader)
@@ -903,11 +913,13 @@ def _reason(exc: BaseException) -> str:
     return "the import stopped before the end of the file"
 
 
-def _check_text(first: bytes) -> bytes:
-    """Refuse files that are plainly not CSV text; drop a UTF-8 byte order mark."""
+def _check_text(first: bytes, decoder: RowDecoder) -> bytes:
+    """Refuse files that are plainly not CSV text; drop a UTF-8 byte order mark (the file is then UTF-8)."""
     for signature, kind in NOT_TEXT_SIGNATURES:
         if first.startswith(signature):
             raise InvalidInput(f"the file is {kind}, not CSV; save it as CSV UTF-8 and upload that", {"field": "file"})
+    if first.startswith(UTF8_BOM):
+        decoder.settle_utf8()
     return first.removeprefix(UTF8_BOM)
 
 

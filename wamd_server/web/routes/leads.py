@@ -32,7 +32,7 @@ from wamd_server.web.routing import QueryParam, RouteTable
 routes = RouteTable()
 
 CHUNK = 64 * 1024
-OPTION_PARTS = ("mapping", "default_niche", "default_target_status", "device_id", "import_id")
+OPTION_PARTS = ("mapping", "default_niche", "default_target_status", "device_id", "import_id", "encoding")
 MAX_OPTION_BYTES = 64 * 1024
 FILTERS = (
     QueryParam("niche", "only this niche (ignoring case)"),
@@ -155,6 +155,7 @@ async def import_leads(request: web.Request) -> web.Response:
         default_target_status=options.get("default_target_status"),
         device_id=options.get("device_id"),
         import_id=options.get("import_id"),
+        encoding=options.get("encoding"),
     )
     # The service counts the file's bytes against what is left of the limit (ImportTooLarge: also a 413).
     report = await ctx.leads.import_csv(user_of(request), file_chunks(part), import_options, max_bytes=limit - used)
@@ -171,6 +172,7 @@ def import_result(report: ImportReport) -> dict[str, Any]:
         updated=report.updated,
         failed=[dto.ImportFailure(row=f.row, error=f.error, field=f.field) for f in report.failed],
         failed_count=report.failed_count,
+        encoding=report.encoding,
     ).model_dump(mode="json")
 
 

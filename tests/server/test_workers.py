@@ -12,6 +12,7 @@ import psycopg
 from tests.conftest import Server, ServerFactory, StandaloneSim, eventually, truncate_all
 from wamd_server.domain import errors
 from wamd_server.infra.bus.rpc import rebuild_error
+from wamd_server.services.watchdog import WatchdogSettings
 
 PHONE = "60123000051"
 FAST_WATCHDOG = {"WAMD_WATCHDOG_INTERVAL_S": "0.3", "WAMD_PROBE_TIMEOUT_S": "0.3"}
@@ -55,6 +56,18 @@ async def test_watchdog_leaves_logged_out_and_banned_devices_alone(
     assert await worker.watchdog.check_once() == []
     devices = {d["id"]: d["status"] for d in (await server.ok("GET", "/api/devices"))["items"]}
     assert devices == {banned: "banned", logged_out: "logged_out"}
+
+
+async def test_watchdog_probes_every_device_with_few_probes_in_flight(server: Server) -> None:
+    phones = [f"6012300006{n}" for n in range(5)]
+    devices = {phone: await pair(server, f"Sales {phone[-1]}", phone) for phone in phones}
+    worker = server.runtime.worker
+    assert worker is not None
+    worker.watchdog.settings = WatchdogSettings(probe_timeout_s=0.3, failures_to_act=2, concurrency=2)
+    await server.sim("POST", "/faults", {"phone": phones[3], "unresponsive": True})
+    assert await worker.watchdog.check_once() == []  # one failed probe is not enough
+    assert await worker.watchdog.check_once() == [uuid.UUID(devices[phones[3]])]
+    await server.sim("POST", "/faults", {"phone": phones[3], "unresponsive": False})
 
 
 async def test_stopping_a_worker_hands_its_devices_to_another(

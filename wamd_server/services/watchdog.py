@@ -52,16 +52,18 @@ class HealthWatchdog:
     async def check_once(self) -> list[UUID]:
         """Probe every online device once; returns the devices sent to reconnect."""
         online = self.pool.online_devices()
-        gate = asyncio.Semaphore(self.settings.concurrency)
+        answers: dict[UUID, bool] = {}
+        turns = iter(online)
 
-        async def probe(device_id: UUID) -> bool:
-            async with gate:
-                return await self.pool.transport.probe(device_id, self.settings.probe_timeout_s)
+        async def prober() -> None:
+            # A few probers take the devices in turn: a task per device meant thousands of tasks every round.
+            for device_id in turns:
+                answers[device_id] = await self.pool.transport.probe(device_id, self.settings.probe_timeout_s)
 
-        answers = await asyncio.gather(*(probe(d) for d in online))
+        await asyncio.gather(*(prober() for _ in range(min(self.settings.concurrency, len(online)))))
         acted = []
-        for device_id, ok in zip(online, answers, strict=True):
-            if ok:
+        for device_id in online:
+            if answers[device_id]:
                 self._failures.pop(device_id, None)
                 continue
             failures = self._failures[device_id] = self._failures.get(device_id, 0) + 1

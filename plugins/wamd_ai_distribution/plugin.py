@@ -23,7 +23,7 @@ device's share::
      "summary": "24 leads without an owner device: 24 assigned over 3 online devices …",
      "settings": {"per_device_limit": 12, "limit_source": "option", "history_days": 14, "reply_weight": 1.0,
                   "prior": [1.0, 1.0], "notes": []},
-     "leads": {"total": 24, "assigned": 24, "unassigned": 0, "round_robin": 0},
+     "leads": {"total": 24, "assigned": 24, "unassigned": 0, "round_robin": 0, "moved": 0},
      "devices": [{"device_id": "…", "name": "Sender 0", "status": "online", "eligible": true,
                   "skipped_reason": null, "history": {"sent": 6, "failed": 0, "replied": 3},
                   "posterior": {"delivery": [7.0, 1.0], "reply": [4.0, 4.0]}, "delivery_rate": 0.875,
@@ -38,7 +38,9 @@ device's share::
 ``top_draws`` counts the leads on which the device drew highest, ``turned_away`` those among them it could not
 take because it had reached its limit, ``unassigned`` the leads no device could take (every one at its limit);
 they stay without a message in this campaign. Pages (the planner hands leads over 1000 at a time) count
-against the same limits; a page planned again after a restart replaces its own record.
+against the same limits; a page planned again after a restart replaces its own record. Messages the planner
+moves at send time off a device that cannot send (`ctx.rescue`) are distributed the same way, within the same
+limits (a lead no device can take stays where it is); they are counted as ``leads.moved``, not as new leads.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from wamd_server.plugin_api import hookimpl
 from wamd_server.plugin_api.types import WebRoute
 
 PLUGIN = "ai_distribution"
+MOVED_PAGE = "moved:"  # key prefix of the pages of messages moved at send time (`ctx.rescue`)
 DEFAULT_HISTORY_DAYS = 14.0
 DEFAULT_REPLY_WEIGHT = 1.0
 MAX_HISTORY_DAYS = 365.0
@@ -66,6 +69,8 @@ OUTCOME_FIELDS = ("draws", "draw_sum", "top", "assigned", "turned_away")
 
 class DistributionContext(Protocol):
     """What this plugin uses of the planner's `PlanContext` (see the `wamd_distribute_leads` hookspec)."""
+
+    rescue: bool
 
     async def devices(self) -> list[Device]: ...
 
@@ -256,10 +261,16 @@ def build_report(
         entries.append(entry)
     entries.sort(key=lambda e: (not e["eligible"], -e["assigned"], e["name"], e["device_id"]))
 
-    leads = sum(int(p["leads"]) for p in pages.values())
-    unassigned = sum(int(p["unassigned"]) for p in pages.values())
-    round_robin = sum(int(p.get("round_robin", 0)) for p in pages.values())
+    planned = [p for key, p in pages.items() if not key.startswith(MOVED_PAGE)]
+    leads = sum(int(p["leads"]) for p in planned)
+    unassigned = sum(int(p["unassigned"]) for p in planned)
+    round_robin = sum(int(p.get("round_robin", 0)) for p in planned)
     assigned = leads - unassigned - round_robin
+    moved = sum(
+        int(p["leads"]) - int(p["unassigned"]) - int(p.get("round_robin", 0))
+        for key, p in pages.items()
+        if key.startswith(MOVED_PAGE)
+    )
     online = sum(1 for e in entries if e["eligible"])
     summary = (
         f"{leads} leads without an owner device: {assigned} assigned over {online} online devices by Thompson "
@@ -269,6 +280,8 @@ def build_report(
         summary += f"; {unassigned} left without a device (every device reached its limit)"
     if round_robin:
         summary += f"; {round_robin} left to the default round robin (no device was online)"
+    if moved:
+        summary += f"; {moved} moved at send time off devices that could not send, within the same limits"
     skipped = len(entries) - online
     if skipped:
         summary += f"; {skipped} devices skipped"
@@ -285,7 +298,13 @@ def build_report(
             "prior": list(PRIOR),
             "notes": list(settings.notes),
         },
-        "leads": {"total": leads, "assigned": assigned, "unassigned": unassigned, "round_robin": round_robin},
+        "leads": {
+            "total": leads,
+            "assigned": assigned,
+            "unassigned": unassigned,
+            "round_robin": round_robin,
+            "moved": moved,
+        },
         "devices": entries,
         "pages": pages,
     }
@@ -309,7 +328,9 @@ async def wamd_distribute_leads(
     }
     eligible = [d for d in everyone if reasons[d.id] is None]
 
-    page = str(leads[0].id)
+    # Messages moved at send time off a device that cannot send: their leads were counted once already (against
+    # the device they leave), so their pages count against the limits but not as leads of the campaign.
+    page = (MOVED_PAGE if ctx.rescue else "") + str(leads[0].id)
     previous = await ctx.distribution_report(PLUGIN) or {}
     pages = {key: value for key, value in (previous.get("pages") or {}).items() if key != page}
     if not eligible:

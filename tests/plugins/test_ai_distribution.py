@@ -15,6 +15,7 @@ from wamd_ai_distribution.plugin import PLUGIN, Settings, opted_in, settings_fro
 from tests.conftest import Server, ServerFactory, eventually
 from tests.server.test_campaigns import linked_devices
 from wamd_server.domain.models import Device, DeviceStatus
+from wamd_server.services.clock import AcceleratedClock
 
 GOOD = History(sent=200, failed=2, replied=30)
 BAD = History(sent=60, failed=60, replied=1)
@@ -199,7 +200,7 @@ async def test_a_campaign_spreads_unowned_leads_by_record_and_explains_it(
     path = f"/api/plugins/ai-distribution/campaigns/{campaign['id']}/report"
     report = await server.ok("GET", path)
     assert report["plugin"] == PLUGIN and report["campaign_id"] == campaign["id"]
-    assert report["leads"] == {"total": 24, "assigned": 24, "unassigned": 0, "round_robin": 0}
+    assert report["leads"] == {"total": 24, "assigned": 24, "unassigned": 0, "round_robin": 0, "moved": 0}
     assert report["settings"]["per_device_limit"] == 12 and report["settings"]["limit_source"] == "option"
     assert report["summary"].startswith("24 leads without an owner device: 24 assigned over 3 online devices")
     by_id = {d["device_id"]: d for d in report["devices"]}
@@ -244,6 +245,62 @@ async def test_a_campaign_spreads_unowned_leads_by_record_and_explains_it(
     # The report is stored with the campaign: another server on the same database serves it.
     other_server = await make_server(database_url)
     assert await other_server.ok("GET", path) == report
+
+
+async def test_messages_moved_off_a_device_that_cannot_send_stay_within_the_limits(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    """The planner's rescue moves messages of owner-less leads off a device that has not been able to send for
+    five minutes; with AI distribution the moves go through the plugin, so its per-device limit still holds."""
+    server = await make_server(database_url, clock=AcceleratedClock(300))  # five minutes pass in a second
+    slow, fast = await linked_devices(server, 2, first_phone=60123400000)
+    # The slow device sends one message, then waits ten minutes before the next.
+    await server.ok("PATCH", f"/api/devices/{slow['id']}", json={"min_delay_s": 600, "max_delay_s": 600})
+    for n in range(10):
+        await add_lead(server, f"6019400{n:04d}", "moving", None)
+    options = {"distribution": "ai", "per_device_limit": 6}  # 12 places for 10 leads: the slow device gets 4+
+    body = {"title": "Moving", "message": "Hi {name}", "niche": "moving", "options": options}
+    campaign = await server.ok("POST", "/api/campaigns", json=body)
+    report_path = f"/api/campaigns/{campaign['id']}/report"
+
+    async def slow_sent_one() -> bool:
+        per_device = {d["device_id"]: d for d in (await server.ok("GET", report_path))["devices"]}
+        return slow["id"] in per_device and per_device[slow["id"]]["done_send"] >= 1
+
+    await eventually(slow_sent_one, timeout=20)
+    planned = {d["device_id"]: d["should_send"] for d in (await server.ok("GET", report_path))["devices"]}
+    await server.sim("POST", "/faults", {"phone": slow["phone"], "ban_seconds": 86_400})
+    ai_path = f"/api/plugins/ai-distribution/campaigns/{campaign['id']}/report"
+
+    async def moved() -> bool:
+        return bool((await server.ok("GET", ai_path))["leads"]["moved"])
+
+    await eventually(moved, timeout=30, what="messages moved off the banned device")
+    # The fast device had room for 6 - planned[fast] more; the rest waits on the banned device.
+    await wait_sent(server, report_path, fast["id"], 6)
+    report = await server.ok("GET", report_path)
+    per_device = {d["device_id"]: (d["should_send"], d["done_send"]) for d in report["devices"]}
+    assert per_device == {fast["id"]: (6, 6), slow["id"]: (4, 1)}, (planned, per_device)
+    ai = await server.ok("GET", ai_path)
+    assert ai["leads"] == {
+        "total": 10,
+        "assigned": 10,
+        "unassigned": 0,
+        "round_robin": 0,
+        "moved": 6 - planned[fast["id"]],
+    }
+    assert "moved at send time" in ai["summary"]
+    network = server.runtime.sim_network
+    assert network is not None
+    assert sum(len(network.inbox(f"6019400{n:04d}")) for n in range(10)) == 7
+
+
+async def wait_sent(server: Server, report_path: str, device_id: str, done: int) -> None:
+    async def sent() -> bool:
+        per_device = {d["device_id"]: d for d in (await server.ok("GET", report_path))["devices"]}
+        return per_device.get(device_id, {}).get("done_send") == done
+
+    await eventually(sent, timeout=20, what=f"{done} messages sent from {device_id}")
 
 
 @pytest.mark.parametrize("options", [{}, {"distribution": "round_robin"}])

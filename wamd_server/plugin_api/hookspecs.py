@@ -53,6 +53,8 @@ def wamd_distribute_leads(campaign: Any, leads: Any, devices: Any, ctx: Any) -> 
     ``days`` days, and recipients who wrote to the device after its message), and
     ``await ctx.save_distribution_report(plugin, report)`` / ``await ctx.distribution_report(plugin)`` to keep
     a JSON document explaining the choice (one per campaign and plugin; deleted with the campaign).
+    ``ctx.rescue`` is True when the leads' messages are already queued on a device that has not been able to
+    send for five minutes and are to move (leads left out stay there); False when the campaign is planned.
     """
 
 

@@ -72,7 +72,9 @@ class CampaignStore(Protocol):
 
     async def target_leads(self, campaign: Campaign, limit: int, after: UUID | None) -> list[Lead]: ...
 
-    async def stranded_rows(self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int) -> list[UUID]: ...
+    async def stranded_rows(
+        self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int
+    ) -> list[tuple[UUID, Lead]]: ...
 
     async def move_rows(self, moves: dict[UUID, UUID], now: datetime) -> int: ...
 
@@ -106,9 +108,10 @@ NewMessageFactory = Callable[..., Any]
 class PlanContext:
     """What a campaign type's `plan` may use."""
 
-    def __init__(self, planner: CampaignPlanner, campaign: Campaign) -> None:
+    def __init__(self, planner: CampaignPlanner, campaign: Campaign, rescue: bool = False) -> None:
         self._planner = planner
         self.campaign = campaign
+        self.rescue = rescue  # distributing messages moved off a device that cannot send (see `rescue`)
         self.queued_devices: set[UUID] = set()
 
     async def leads(self, after: UUID | None, limit: int = LEAD_PAGE) -> list[Lead]:
@@ -249,18 +252,22 @@ class CampaignPlanner:
     async def rescue(self, campaign: Campaign) -> int:
         """Lead distribution at send time: messages to leads without an owner device, waiting on a device that
         has been unable to send for a while (banned, logged out, offline, queue paused), move to devices of the
-        campaign that can. Leads with an owner device keep waiting for it (their conversation lives there)."""
+        campaign that can, as the campaign's lead distribution chooses (a plugin's per-device limits hold; a lead
+        it leaves out stays where it is, to be tried again). Leads with an owner device keep waiting for it
+        (their conversation lives there)."""
         devices = await self.devices_of(campaign)
         now = self.clock.now()
         stuck = [d.id for d in devices if _unable_since(d, now) > STRANDED_AFTER]
-        usable = [d.id for d in devices if d.status is DeviceStatus.ONLINE and not d.queue_paused_reason]
+        usable = [d for d in devices if d.status is DeviceStatus.ONLINE and not d.queue_paused_reason]
         if not stuck or not usable:
             return 0
         rows = await self.campaigns.stranded_rows(campaign.id, stuck, MOVE_BATCH)
-        moved = await self.campaigns.move_rows({row: usable[i % len(usable)] for i, row in enumerate(rows)}, now)
+        chosen = await PlanContext(self, campaign, rescue=True).distribute([lead for _, lead in rows], usable)
+        moved = await self.campaigns.move_rows({row: chosen[lead.id] for row, lead in rows if lead.id in chosen}, now)
         if moved:
             log.info("campaign %s: %d messages moved off devices that cannot send", campaign.id, moved)
-            await self.bus.publish(BusEvent(ev.OUTBOX_QUEUED, {"device_ids": [str(d) for d in usable]}))
+            targets = sorted({str(chosen[lead.id]) for _, lead in rows if lead.id in chosen})
+            await self.bus.publish(BusEvent(ev.OUTBOX_QUEUED, {"device_ids": targets}))
         return moved
 
     async def follow(self) -> None:

@@ -206,12 +206,15 @@ class SqlCampaignRepository:
         async with self._engine.connect() as conn:
             return [lead_from_row(r) for r in (await conn.execute(query)).mappings()]
 
-    async def stranded_rows(self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int) -> list[UUID]:
-        """Queued messages of a campaign to leads without an owner device, waiting on devices that cannot send."""
+    async def stranded_rows(
+        self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int
+    ) -> list[tuple[UUID, Lead]]:
+        """Queued messages of a campaign to leads without an owner device, waiting on devices that cannot send:
+        (row id, lead)."""
         if not stuck_devices:
             return []
         query = (
-            select(outbox.c.id)
+            select(outbox.c.id.label("row_id"), leads)
             .join(leads, leads.c.id == outbox.c.lead_id)
             .where(
                 outbox.c.source_id == campaign_id,
@@ -223,7 +226,7 @@ class SqlCampaignRepository:
             .limit(limit)
         )
         async with self._engine.connect() as conn:
-            return list((await conn.execute(query)).scalars())
+            return [(r["row_id"], lead_from_row(r)) for r in (await conn.execute(query)).mappings()]
 
     async def move_rows(self, moves: dict[UUID, UUID], now: datetime) -> int:
         """Give queued rows another device (`{row_id: device_id}`); rows claimed meanwhile stay where they are."""

@@ -32,12 +32,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _stop_sqlite_worker(dbapi_connection: Any) -> None:
+    """Drop an aiosqlite connection by stopping its worker thread (which closes it first). SQLAlchemy's own way,
+    for a connection given up while its task was cancelled, also starts a "graceful" close in a task of its own;
+    that task can end up waiting on the thread it has just stopped, and the event loop then never shuts down."""
+    dbapi_connection._terminate_force_close()
+
+
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        engine.dialect.do_terminate = _stop_sqlite_worker  # type: ignore[method-assign]
         return engine
     # Each process keeps at most twice pool_size connections: size Postgres' max_connections for every process.
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 EVERYTHING = DeviceScope.everything()
 # How far back a starting lane looks for sends missing from the chat history (a crash before their delayed write).
 HISTORY_REPAIR_WINDOW = timedelta(days=7)
+# A lane that starts again looks back only to shortly before the previous look of this process (a device that
+# reconnects often, times thousands of devices, read a week of sends at every start); the overlap covers batches
+# that were still committing then.
+HISTORY_REPAIR_OVERLAP = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class Dispatcher:
         # Locked batches store their sends' chat history a moment later (`services/history.py`): a lane that
         # starts adds what a crash kept from being stored.
         self.repair_history = repair_history
+        self.history_checked_at: dict[UUID, datetime] = {}  # per device: when a lane last looked for missing history
         self.devices = devices
         self.transport = transport
         self.clock = clock
@@ -460,11 +465,16 @@ class Lane:
 
     async def _restore_history(self, now: datetime) -> None:
         """Sends whose history a crash kept from being stored (see `services/history.py`) are stored now."""
-        missing = await self.d.outbox.sent_without_history(self.device_id, now - HISTORY_REPAIR_WINDOW)
+        since = now - HISTORY_REPAIR_WINDOW
+        checked = self.d.history_checked_at.get(self.device_id)
+        if checked is not None:
+            since = max(since, checked - HISTORY_REPAIR_OVERLAP)
+        missing = await self.d.outbox.sent_without_history(self.device_id, since)
         if missing:
             log.info("device %s: adding %d sent messages to the chat history", self.device_id, len(missing))
             history = [self._as_message(item, s) for item, s in missing]
             await self.d.outbox.record_sent(self.device_id, [], history)
+        self.d.history_checked_at[self.device_id] = now
 
     @staticmethod
     def _as_message(item: OutboxItem, sent: Sent) -> InboundMessage:

@@ -58,8 +58,8 @@ SENT_HISTORY_CTES_PG = """
 history AS (
     INSERT INTO messages (device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
                           sent_at, created_at)
-    SELECT m.device_id, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type,
-           m.status, m.sent_at, %(h_now)s
+    SELECT m.device_id, m.chat_jid, m.wa_message_id, true, m.sender_jid, m.text, m.media_type, m.status, m.sent_at,
+           %(h_now)s
     FROM unnest(%(h_devices)b::uuid[], %(h_chats)b::text[], %(h_wa_ids)b::text[], %(h_senders)b::text[],
                 %(h_texts)b::text[], %(h_media)b::text[], %(h_times)b::timestamptz[], %(h_status)b::text[])
          AS m(device_id, chat_jid, wa_message_id, sender_jid, text, media_type, sent_at, status)
@@ -101,8 +101,7 @@ WITH sent AS (
 history AS (
     INSERT INTO messages (device_id, chat_jid, wa_message_id, from_me, sender_jid, text, media_type, status,
                           sent_at, created_at)
-    SELECT device_id, chat_jid, wa_message_id, true, NULL, text, media_type, status, sent_at,
-           %(now)s
+    SELECT device_id, chat_jid, wa_message_id, true, NULL, text, media_type, status, sent_at, %(now)s
     FROM sent
     ORDER BY device_id, wa_message_id COLLATE "C"
     ON CONFLICT (device_id, wa_message_id) DO UPDATE SET status = excluded.status

@@ -106,6 +106,8 @@ transport_sessions = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 
+# `chats` and `messages` are keyed by what identifies a row (device and chat JID, device and message id), with no
+# surrogate id: one more key would be one more index entry at a random place for every message sent.
 chats = Table(
     "chats",
     metadata,

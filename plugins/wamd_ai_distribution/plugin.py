@@ -322,17 +322,26 @@ async def wamd_distribute_leads(
     # did not offer are in the report with the reason.
     current = {d.id: d for d in await ctx.devices()}
     everyone = [current.get(d.id, d) for d in devices] + [d for d in current.values() if d.id not in offered]
-    reasons = {
-        d.id: skip_reason(d) or (None if d.id in offered else "it could not send when this launch began")
-        for d in everyone
-    }
+    not_offered = "it could not send when " + ("these messages were moved" if ctx.rescue else "this launch began")
+    reasons = {d.id: skip_reason(d) or (None if d.id in offered else not_offered) for d in everyone}
     eligible = [d for d in everyone if reasons[d.id] is None]
 
-    # Messages moved at send time off a device that cannot send: their leads were counted once already (against
-    # the device they leave), so their pages count against the limits but not as leads of the campaign.
-    page = (MOVED_PAGE if ctx.rescue else "") + str(leads[0].id)
     previous = await ctx.distribution_report(PLUGIN) or {}
-    pages = {key: value for key, value in (previous.get("pages") or {}).items() if key != page}
+    pages = dict(previous.get("pages") or {})
+    limits = {d.id: settings.per_device_limit or d.daily_cap for d in eligible}
+    used = _totals(pages)
+    room = {d.id: max(limits[d.id] - int(used.get(str(d.id), {}).get("assigned", 0)), 0) for d in eligible}
+    if ctx.rescue:
+        # Messages moved at send time off a device that cannot send: their leads were counted once already
+        # (against the device they leave), so their pages count against the limits but not as leads of the
+        # campaign. Each move keeps a page of its own (a lead may be moved twice); nothing is read or written
+        # while no device has room, as the planner asks again every half minute.
+        if not any(room.values()):
+            return {}
+        page = f"{MOVED_PAGE}{sum(key.startswith(MOVED_PAGE) for key in pages)}:{leads[0].id}"
+    else:
+        page = str(leads[0].id)
+        pages.pop(page, None)
     if not eligible:
         pages[page] = page_record(len(leads), None)
         report = build_report(campaign, settings, everyone, reasons, {}, {}, pages)
@@ -341,12 +350,7 @@ async def wamd_distribute_leads(
 
     counts = await ctx.device_history(settings.history_days, [d.id for d in eligible])
     history = {d.id: _history(counts.get(d.id)) for d in eligible}
-    limits = {d.id: settings.per_device_limit or d.daily_cap for d in eligible}
-    used = _totals(pages)
-    arms = [
-        Arm(d.id, history[d.id], max(limits[d.id] - int(used.get(str(d.id), {}).get("assigned", 0)), 0))
-        for d in eligible
-    ]
+    arms = [Arm(d.id, history[d.id], room[d.id]) for d in eligible]
     rng = random.Random(f"{campaign.id}:{page}")
     # Thousands of draws per page: off the event loop.
     allocation = await asyncio.to_thread(allocate, [lead.id for lead in leads], arms, rng, settings.reply_weight)

@@ -229,17 +229,26 @@ async def test_history_stored_before_the_natural_keys_migration_survives_it_both
                 before = await conn.run_sync(_history_rows)
                 await conn.run_sync(_upgrade_to, "head")
                 assert await conn.run_sync(_history_rows) == before
-                keys = await conn.run_sync(
-                    lambda c: {t: inspect(c).get_pk_constraint(t)["constrained_columns"] for t in ("messages", "chats")}
-                )
-                assert keys == {"messages": ["device_id", "wa_message_id"], "chats": ["device_id", "jid"]}
+                keys = await conn.run_sync(lambda c: {t: _keys(c, t) for t in ("messages", "chats")})
+                assert keys == {"messages": (["device_id", "wa_message_id"], []), "chats": (["device_id", "jid"], [])}
                 await conn.run_sync(_downgrade_to, "0005")
-                assert await conn.run_sync(_history_rows) == before
+                assert await conn.run_sync(_history_rows) == before and len(before) == 2
                 ids = await conn.execute(text("SELECT count(DISTINCT id) FROM messages"))
                 assert ids.scalar_one() == 2
+                keys = await conn.run_sync(lambda c: {t: _keys(c, t) for t in ("messages", "chats")})
+                assert keys == {
+                    "messages": (["id"], [("device_id", "wa_message_id")]),
+                    "chats": (["id"], [("device_id", "jid")]),
+                }
         finally:
             await engine.dispose()
-        assert len(before) == 2
+
+
+def _keys(conn: Connection, table: str) -> tuple[list[str], list[tuple[str, ...]]]:
+    """A table's primary key columns and its unique constraints' columns."""
+    insp = inspect(conn)
+    unique = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table))
+    return insp.get_pk_constraint(table)["constrained_columns"], unique
 
 
 # --- users and tokens ------------------------------------------------------------------------------------------

@@ -178,6 +178,21 @@ async def test_a_windows_1252_file_from_excel_imports_with_its_accents(server: S
     assert (utf8["created"], utf8["encoding"]) == (1, "utf-8")
     assert by_phone(await all_leads(server))["60123000006"]["name"] == "José"
 
+    # A UTF-8 file with a character cut short: that row fails, the file is not taken for Windows-1252.
+    cut = b"name,phone\nTrunc \xe2\x80,0123000007\n" + "Zoë,0123000008\n".encode()
+    result = await upload(server, cut)
+    assert (result["created"], result["encoding"], [f["row"] for f in result["failed"]]) == (1, "utf-8", [1])
+    assert by_phone(await all_leads(server))["60123000008"]["name"] == "Zoë"
+    # Past the file's start (the first read, 64 KiB or more), plain ASCII so far: Windows-1252 from the first row
+    # that is not UTF-8; a UTF-8 row after that fails instead of being read wrong.
+    late = b"name,phone\n" + b"".join(b"Lead,0125%06d\n" % n for n in range(10_000))  # 160 KB
+    late += "Café,0123000009\n".encode("cp1252") + "Zoë,0123000010\n".encode()
+    result = await upload(server, late)
+    failed = [f["row"] for f in result["failed"]]
+    assert (result["created"], result["encoding"], failed) == (10_001, "windows-1252", [10_002])
+    assert "UTF-8 text but the file is Windows-1252" in result["failed"][0]["error"]
+    assert by_phone(await all_leads(server))["60123000009"]["name"] == "Café"
+
 
 async def test_mapping_and_defaults(server: Server) -> None:
     staff_id, staff = await server.create_user("staff@example.com")
@@ -270,9 +285,9 @@ async def test_bad_uploads_get_clear_errors_and_store_nothing(make_server: Serve
         assert words in error["message"], (content, error)
 
     for content, encoding, words in [
-        (b"n\xe9me,phone\nA,0123000001\n", "utf-8", "not utf-8 text"),  # told UTF-8: a Windows-1252 header fails
-        (b"\xef\xbb\xbfn\xe9me,phone\nA,0123000001\n", "auto", "not utf-8 text"),  # the byte order mark says UTF-8
-        (b"n\x81me,phone\nA,0123000001\n", "auto", "not windows-1252 text"),  # neither (0x81 is unassigned)
+        (b"n\xe9me,phone\nA,0123000001\n", "utf-8", "not UTF-8 text"),  # told UTF-8: a Windows-1252 header fails
+        (b"\xef\xbb\xbfn\xe9me,phone\nA,0123000001\n", "auto", "not UTF-8 text"),  # the byte order mark says UTF-8
+        (b"n\x81me,phone\nA,0123000001\n", "auto", "not Windows-1252 text"),  # neither (0x81 is unassigned)
         (ok_csv, "latin-9", "encoding must be one of auto, utf-8, windows-1252"),
     ]:
         reply = await server.call("POST", "/api/leads/import", token, data=form(content, encoding=encoding))

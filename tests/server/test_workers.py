@@ -64,10 +64,29 @@ async def test_watchdog_probes_every_device_with_few_probes_in_flight(server: Se
     worker = server.runtime.worker
     assert worker is not None
     worker.watchdog.settings = WatchdogSettings(probe_timeout_s=0.3, failures_to_act=2, concurrency=2)
+    transport = worker.watchdog.pool.transport
+    probe = transport.probe
+    probed: list[uuid.UUID] = []
+    in_flight = [0, 0]  # now, most
+
+    async def counted(device_id: uuid.UUID, timeout_s: float) -> bool:
+        probed.append(device_id)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            return await probe(device_id, timeout_s)
+        finally:
+            in_flight[0] -= 1
+
+    transport.probe = counted  # type: ignore[method-assign]
     await server.sim("POST", "/faults", {"phone": phones[3], "unresponsive": True})
-    assert await worker.watchdog.check_once() == []  # one failed probe is not enough
-    assert await worker.watchdog.check_once() == [uuid.UUID(devices[phones[3]])]
-    await server.sim("POST", "/faults", {"phone": phones[3], "unresponsive": False})
+    try:
+        assert await worker.watchdog.check_once() == []  # one failed probe is not enough
+        assert sorted(probed) == sorted(uuid.UUID(d) for d in devices.values()) and in_flight[1] == 2
+        assert await worker.watchdog.check_once() == [uuid.UUID(devices[phones[3]])]
+    finally:
+        transport.probe = probe  # type: ignore[method-assign]
+        await server.sim("POST", "/faults", {"phone": phones[3], "unresponsive": False})
 
 
 async def test_stopping_a_worker_hands_its_devices_to_another(

@@ -277,8 +277,9 @@ class LeadImportForm(BaseModel):
     import_id: str | None = Field(default=None, description="an id of the caller's choice for the progress events")
     encoding: Literal["auto", "utf-8", "windows-1252"] | None = Field(
         default=None,
-        description="the file's text encoding; auto (the default): UTF-8, or Windows-1252 (Excel's CSV on Windows) "
-        "when the file is not UTF-8 and held nothing beyond ASCII before",
+        description="the file's text encoding (also spelled utf8, cp1252); auto (the default): decided from the "
+        "file's start, UTF-8 unless it holds bytes beyond ASCII and no UTF-8 character (Windows-1252, as Excel on "
+        "Windows saves CSV); a start in plain ASCII is read as UTF-8 until a row is not",
     )
     file: bytes = Field(
         description="the CSV (UTF-8 or Windows-1252; comma, semicolon or tab separated; first row the header)"

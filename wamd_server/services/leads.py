@@ -24,7 +24,7 @@ from wamd_server.domain.models import Lead, TargetStatus, User
 from wamd_server.domain.ports import BusEvent, Clock, DeviceRepository, EventBus
 from wamd_server.protocol.events import LEADS_IMPORT_PROGRESS
 from wamd_server.services.csv_records import Record, RecordSplitter
-from wamd_server.services.csv_text import UTF8, RowDecoder, encoding_option
+from wamd_server.services.csv_text import LABELS, SNIFF_BYTES, UTF8, RowDecoder, encoding_option
 from wamd_server.services.devices import scope_of
 from wamd_server.services.phones import normalise_phone
 
@@ -640,7 +640,7 @@ class LeadService:
         received = 0
         first = True
         try:
-            async for chunk in _coalesced(chunks, 1024):
+            async for chunk in _coalesced(chunks, SNIFF_BYTES):
                 received += len(chunk)
                 if max_bytes is not None and received > max_bytes:
                     raise ImportTooLarge(
@@ -716,7 +716,7 @@ class LeadService:
             text = decoder.decode(record.data)
         except ValueError:
             raise InvalidInput(
-                f"the header row is not {decoder.encoding} text; save the file as CSV UTF-8", {"field": "file"}
+                f"the header row is not {LABELS[decoder.encoding]} text; save the file as CSV UTF-8", {"field": "file"}
             ) from None
         if not text.strip():
             raise InvalidInput("the first row of the file must be the header (it is empty)", {"field": "file"})
@@ -914,18 +914,21 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_text(first: bytes, decoder: RowDecoder) -> bytes:
-    """Refuse files that are plainly not CSV text; drop a UTF-8 byte order mark (the file is then UTF-8)."""
+    """Refuse files that are plainly not CSV text; drop a UTF-8 byte order mark (the file is then UTF-8); let the
+    decoder decide the encoding from the file's start."""
     for signature, kind in NOT_TEXT_SIGNATURES:
         if first.startswith(signature):
             raise InvalidInput(f"the file is {kind}, not CSV; save it as CSV UTF-8 and upload that", {"field": "file"})
     if first.startswith(UTF8_BOM):
         decoder.settle_utf8()
-    return first.removeprefix(UTF8_BOM)
+    first = first.removeprefix(UTF8_BOM)
+    decoder.sniff(first)
+    return first
 
 
 async def _coalesced(chunks: AsyncIterable[bytes], first_size: int) -> AsyncIterator[bytes]:
     """The chunks as they come, except that the first holds at least `first_size` bytes (or the whole file),
-    so the file's signature can be checked."""
+    so the file's signature can be checked and its encoding told."""
     head = bytearray()
     started = False
     async for chunk in chunks:

@@ -58,7 +58,11 @@ class HealthWatchdog:
         async def prober() -> None:
             # A few probers take the devices in turn: a task per device meant thousands of tasks every round.
             for device_id in turns:
-                answers[device_id] = await self.pool.transport.probe(device_id, self.settings.probe_timeout_s)
+                try:
+                    answers[device_id] = await self.pool.transport.probe(device_id, self.settings.probe_timeout_s)
+                except Exception:  # one device's trouble must not end the round for the others
+                    log.exception("device %s: probe failed", device_id)
+                    answers[device_id] = False
 
         await asyncio.gather(*(prober() for _ in range(min(self.settings.concurrency, len(online)))))
         acted = []

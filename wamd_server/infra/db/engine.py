@@ -35,7 +35,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _stop_sqlite_worker(dbapi_connection: Any) -> None:
     """Drop an aiosqlite connection by stopping its worker thread (which closes it first). SQLAlchemy's own way,
     for a connection given up while its task was cancelled, also starts a "graceful" close in a task of its own;
-    that task can end up waiting on the thread it has just stopped, and the event loop then never shuts down."""
+    that task can end up waiting on the thread it has just stopped, and the event loop then never shuts down.
+    (`_terminate_force_close` and aiosqlite's `stop` need SQLAlchemy 2.1 and aiosqlite 0.22.1, which pyproject asks
+    for.)"""
     dbapi_connection._terminate_force_close()
 
 

@@ -328,20 +328,19 @@ async def wamd_distribute_leads(
 
     previous = await ctx.distribution_report(PLUGIN) or {}
     pages = dict(previous.get("pages") or {})
-    limits = {d.id: settings.per_device_limit or d.daily_cap for d in eligible}
-    used = _totals(pages)
-    room = {d.id: max(limits[d.id] - int(used.get(str(d.id), {}).get("assigned", 0)), 0) for d in eligible}
     if ctx.rescue:
         # Messages moved at send time off a device that cannot send: their leads were counted once already
         # (against the device they leave), so their pages count against the limits but not as leads of the
-        # campaign. Each move keeps a page of its own (a lead may be moved twice); nothing is read or written
-        # while no device has room, as the planner asks again every half minute.
-        if not any(room.values()):
-            return {}
+        # campaign, and each move keeps a page of its own (a lead may be moved twice).
         page = f"{MOVED_PAGE}{sum(key.startswith(MOVED_PAGE) for key in pages)}:{leads[0].id}"
     else:
         page = str(leads[0].id)
-        pages.pop(page, None)
+        pages.pop(page, None)  # planned again after a restart: this page's earlier record goes
+    limits = {d.id: settings.per_device_limit or d.daily_cap for d in eligible}
+    used = _totals(pages)
+    room = {d.id: max(limits[d.id] - int(used.get(str(d.id), {}).get("assigned", 0)), 0) for d in eligible}
+    if ctx.rescue and not any(room.values()):
+        return {}  # nothing read or written: the planner asks again every half minute while devices are full
     if not eligible:
         pages[page] = page_record(len(leads), None)
         report = build_report(campaign, settings, everyone, reasons, {}, {}, pages)

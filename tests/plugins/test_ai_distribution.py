@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from wamd_ai_distribution.bandit import Arm, History, allocate, expected_score
-from wamd_ai_distribution.plugin import PLUGIN, Settings, opted_in, settings_from, skip_reason
+from wamd_ai_distribution.plugin import (
+    PLUGIN,
+    Settings,
+    opted_in,
+    settings_from,
+    skip_reason,
+    wamd_distribute_leads,
+)
 
 from tests.conftest import Server, ServerFactory, eventually
 from tests.server.test_campaigns import linked_devices
-from wamd_server.domain.models import Device, DeviceStatus
+from wamd_server.domain.models import Campaign, CampaignStatus, Device, DeviceStatus, Lead
 from wamd_server.services.clock import AcceleratedClock
 
 GOOD = History(sent=200, failed=2, replied=30)
@@ -123,6 +131,59 @@ def test_options() -> None:
     assert len(bad.notes) == 3 and "per_device_limit=2.5" in bad.notes[0]
     assert settings_from({"per_device_limit": True}).per_device_limit is None
     assert settings_from({"history_days": 10_000}).history_days == 14.0
+
+
+# --- the hook's pages -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Planning:
+    """The part of the planner's context the plugin reads and writes (`DistributionContext`), kept in memory."""
+
+    everyone: list[Device]
+    rescue: bool = False
+    report: dict[str, Any] | None = None
+    saves: int = 0
+
+    async def devices(self) -> list[Device]:
+        return self.everyone
+
+    async def device_history(self, days: float, device_ids: Any = None) -> dict[uuid.UUID, dict[str, int]]:
+        return {}
+
+    async def distribution_report(self, plugin: str) -> dict[str, Any] | None:
+        return self.report
+
+    async def save_distribution_report(self, plugin: str, report: dict[str, Any]) -> None:
+        self.report, self.saves = report, self.saves + 1
+
+
+async def test_pages_planned_again_replace_their_record_and_moves_keep_their_own() -> None:
+    owner = uuid.uuid4()
+    campaign = Campaign(
+        id=uuid.uuid4(), user_id=owner, type="broadcast", title="t", message="m", scheduled_at=datetime.now(UTC),
+        status=CampaignStatus.RUNNING, options={"distribution": "ai", "per_device_limit": 3},
+    )  # fmt: skip
+    sender = device(DeviceStatus.ONLINE)
+    leads = [Lead(id=lead_id, user_id=owner, phone=f"6019{n:07d}") for n, lead_id in enumerate(lead_ids(3))]
+    planning = Planning([sender])
+    first = await wamd_distribute_leads(campaign, leads, [sender], planning)
+    # The same page again (a restart during the launch): its earlier record does not count against the limit.
+    again = await wamd_distribute_leads(campaign, leads, [sender], planning)
+    assert first == again == {lead.id: sender.id for lead in leads}
+    assert planning.report is not None and planning.report["leads"]["total"] == 3
+
+    planning.rescue = True
+    saves = planning.saves
+    assert await wamd_distribute_leads(campaign, leads[:1], [sender], planning) == {}  # the device is full
+    assert planning.saves == saves  # nothing written while no device has room
+    roomy = device(DeviceStatus.ONLINE)
+    planning.everyone.append(roomy)
+    for _ in range(2):  # the same lead moved twice: each move keeps a page, both count against the limit
+        assert await wamd_distribute_leads(campaign, leads[:1], [sender, roomy], planning) == {leads[0].id: roomy.id}
+    report = planning.report
+    assert report["leads"] == {"total": 3, "assigned": 3, "unassigned": 0, "round_robin": 0, "moved": 2}
+    assert {d["device_id"]: d["assigned"] for d in report["devices"]} == {str(sender.id): 3, str(roomy.id): 2}
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

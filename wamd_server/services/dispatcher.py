@@ -389,6 +389,26 @@ class Lane:
         await waiting
         await self._take_slot()
 
+    async def _gap_passed(self, seconds: float) -> bool:
+        """Wait out a paced send's gap; False when, woken meanwhile, the lane finds the device's queue paused or
+        the device gone (a gap can last up to an hour: a pause must not let the claimed message go out after)."""
+        d = self.d
+        until = d.clock.now() + timedelta(seconds=seconds)
+        while (left := (until - d.clock.now()).total_seconds()) > 0:
+            self.wake.clear()
+            woken = False
+
+            async def gap() -> None:
+                nonlocal woken
+                woken = await d.clock.wait(self.wake, left)
+
+            await self._wait_unslotted(gap())
+            if woken:
+                device = await d.devices.get(self.device_id, EVERYTHING)
+                if device is None or device.status is not DeviceStatus.ONLINE or device.queue_paused_reason:
+                    return False
+        return True
+
     async def _paced(self, rules: PacingRules, gap_s: float) -> bool:
         """Wait until pacing allows the next send; False when woken early (look again)."""
         now = self.d.clock.now()
@@ -434,8 +454,8 @@ class Lane:
                 if wait > max(gap, 0.0) + 1.0:
                     break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
                 typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
-                if wait - typing_s > 0:
-                    await self._wait_unslotted(d.clock.sleep(wait - typing_s))
+                if wait - typing_s > 0 and not await self._gap_passed(wait - typing_s):
+                    break  # the queue was paused (or the device left) during the gap: the rest goes back
                 if device.typing:
                     await self._wait_unslotted(self._show_typing(item, typing_s))
                 outcome = await self._send(item, message, loaded_text)

@@ -27,7 +27,10 @@ async def queue(request: web.Request) -> web.Response:
 
 @routes.post("/api/queue/{id}/pause", summary="Pause a device's send queue", tag="queue", response=dto.Ok)
 async def pause(request: web.Request) -> web.Response:
-    await request.app[CTX].queue.pause(user_of(request), path_id(request))
+    device_id = path_id(request)
+    await request.app[CTX].queue.pause(user_of(request), device_id)
+    # Wakes the device's lane: a paced message waiting out its gap goes back to the queue instead of out.
+    await request.app[CTX].bus.publish(BusEvent(OUTBOX_QUEUED, {"device_ids": [str(device_id)]}))
     return web.json_response({"ok": True})
 
 

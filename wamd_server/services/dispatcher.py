@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -32,6 +32,8 @@ from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource
 from wamd_server.services.deadlines import Deadlines
 from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -380,14 +382,14 @@ class Lane:
             self.holding = False
             self.d.active.release()
 
-    async def _wait_unslotted(self, waiting: Awaitable[None]) -> None:
+    async def _wait_unslotted(self, waiting: Awaitable[T]) -> T:
         """A pause in a batch (a gap, typing): other lanes may use the slot meanwhile."""
         if not self.holding:
-            await waiting
-            return
+            return await waiting
         self._release_slot()
-        await waiting
+        result = await waiting
         await self._take_slot()
+        return result
 
     async def _gap_passed(self, seconds: float) -> bool:
         """Wait out a paced send's gap; False when, woken meanwhile, the lane finds the device's queue paused or
@@ -396,14 +398,7 @@ class Lane:
         until = d.clock.now() + timedelta(seconds=seconds)
         while (left := (until - d.clock.now()).total_seconds()) > 0:
             self.wake.clear()
-            woken = False
-
-            async def gap() -> None:
-                nonlocal woken
-                woken = await d.clock.wait(self.wake, left)
-
-            await self._wait_unslotted(gap())
-            if woken:
+            if await self._wait_unslotted(d.clock.wait(self.wake, left)):
                 device = await d.devices.get(self.device_id, EVERYTHING)
                 if device is None or device.status is not DeviceStatus.ONLINE or device.queue_paused_reason:
                     return False

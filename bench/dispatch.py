@@ -315,17 +315,23 @@ class Load:
 RAW_CLAIM = """
 UPDATE outbox SET status = 'sending', attempts = attempts + 1, claimed_at = now(), updated_at = now()
 WHERE id IN (
-    SELECT id FROM outbox
-    WHERE device_id = %s AND status = 'queued' AND scheduled_at <= now()
-    ORDER BY scheduled_at, seq LIMIT %s FOR UPDATE SKIP LOCKED
+    SELECT o.id FROM outbox_due d JOIN outbox o ON o.id = d.id
+    WHERE d.device_id = %(device)s AND o.device_id = %(device)s AND o.status = 'queued' AND d.scheduled_at <= now()
+    ORDER BY d.scheduled_at, d.seq LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED
 )
 RETURNING id, device_id, recipient, text, wa_message_id, attempts, scheduled_at, seq
 """
+# As wamd's schema asks: a row marked sent leaves `outbox_due` and its send is logged in `outbox_sent`.
 RAW_MARK = """
-UPDATE outbox SET status = 'sent', sent_at = v.sent_at, server_ts = v.server_ts, updated_at = v.sent_at,
-    last_error = NULL
-FROM unnest(%s::uuid[], %s::timestamptz[], %s::timestamptz[]) AS v(id, sent_at, server_ts)
-WHERE outbox.id = v.id AND outbox.status = 'sending'
+WITH marked AS (
+    UPDATE outbox SET status = 'sent', sent_at = v.sent_at, server_ts = v.server_ts, updated_at = v.sent_at,
+        last_error = NULL
+    FROM unnest(%s::uuid[], %s::timestamptz[], %s::timestamptz[]) AS v(id, sent_at, server_ts)
+    WHERE outbox.id = v.id AND outbox.status = 'sending'
+    RETURNING outbox.id, outbox.device_id, outbox.sent_at
+),
+undue AS (DELETE FROM outbox_due USING marked WHERE outbox_due.id = marked.id)
+INSERT INTO outbox_sent (device_id, sent_at, outbox_id) SELECT device_id, sent_at, id FROM marked
 """
 
 
@@ -336,7 +342,7 @@ async def raw_phase(dbs: Databases, args: argparse.Namespace) -> dict[str, Any]:
     device_ids = await insert_plain_devices(url, args.devices)
     campaign_id, user_id = await insert_campaign(url, None)
     seed_s = await enqueue_rows(url, device_ids, args.messages, campaign_id, user_id)
-    await vacuum(url, "outbox")
+    await vacuum(url, "outbox", "outbox_due", "outbox_sent")
     emit("raw_seed_rows_s", round(seed_s, 1), "s", rows=args.messages, via="SqlOutboxRepository.enqueue")
 
     connections = wamd_connections(args)
@@ -348,7 +354,7 @@ async def raw_phase(dbs: Databases, args: argparse.Namespace) -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             while todo:
                 device_id = todo.popleft()
-                cursor = await conn.execute(RAW_CLAIM, (device_id, args.batch), prepare=True)
+                cursor = await conn.execute(RAW_CLAIM, {"device": device_id, "limit": args.batch}, prepare=True)
                 rows = await cursor.fetchall()
                 if not rows:
                     continue  # this device is done
@@ -654,12 +660,13 @@ async def wait_sent(
     """Poll every 0.1 s until no row of the campaign is queued or sending (an `EXISTS`, which stops at the first
     such row). The timeline is read afterwards, off the rows' own times (`timeline`): counting the rows every few
     seconds during the run cost Postgres a few per cent of the phase's work."""
-    condition = "source_kind = 'campaign' AND source_id = %s AND status IN ('queued', 'sending')"
+    # Rows queued or sending are the campaign's rows in `outbox_due`.
+    condition = "source_id = %s"
     released_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=time.monotonic() - started)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="wamd-bench") as conn:
         while True:
             row = await (
-                await conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {condition})", (campaign_id,))
+                await conn.execute(f"SELECT EXISTS (SELECT 1 FROM outbox_due WHERE {condition})", (campaign_id,))
             ).fetchone()
             now = time.monotonic() - started
             assert row is not None
@@ -667,7 +674,7 @@ async def wait_sent(
                 return Progress(now, [], 0, released_at)
             if now > give_up_s:
                 left = await (
-                    await conn.execute(f"SELECT count(*) FROM outbox WHERE {condition}", (campaign_id,))
+                    await conn.execute(f"SELECT count(*) FROM outbox_due WHERE {condition}", (campaign_id,))
                 ).fetchone()
                 assert left is not None
                 return Progress(None, [], int(left[0]), released_at)
@@ -708,11 +715,24 @@ async def outcome(url: str, campaign_id: uuid.UUID) -> dict[str, int]:
         history = await (
             await conn.execute("SELECT count(*), count(DISTINCT chat_jid) FROM messages WHERE from_me")
         ).fetchone()
-    assert history is not None
+        # Updates of outbox rows, and those Postgres wrote without new index entries (HOT): the runtime has stopped,
+        # so its connections' counts have reached the statistics.
+        updates = await (
+            await conn.execute("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'outbox'")
+        ).fetchone()
+        sizes = await (
+            await conn.execute(
+                "SELECT relname, pg_total_relation_size(relid) / 1048576 FROM pg_stat_user_tables "
+                "WHERE relname IN ('outbox', 'outbox_due', 'outbox_sent', 'messages', 'chats')"
+            )
+        ).fetchall()
+    assert history is not None and updates is not None
     result = {f"rows_{r[0]}": int(r[1]) for r in rows}
     result["distinct_message_ids_sent"] = sum(int(r[2]) for r in rows if r[0] == "sent")
     result["max_attempts"] = max((int(r[3]) for r in rows), default=0)
     result["history_messages"], result["history_chats"] = int(history[0]), int(history[1])
+    result["outbox_updates"], result["outbox_hot_updates"] = int(updates[0]), int(updates[1])
+    result.update({f"mb_{name}": int(mb) for name, mb in sizes})  # tables with their indexes
     return result
 
 
@@ -785,7 +805,7 @@ async def seed_campaign(url: str, device_ids: list[uuid.UUID], args: argparse.Na
     campaign_id, _ = await insert_campaign(url, user_id)
     seed_s = await enqueue_rows(url, device_ids, args.messages, campaign_id, user_id)
     emit("seed_rows_s", round(seed_s, 1), "s", rows=args.messages, via="SqlOutboxRepository.enqueue")
-    await vacuum(url, "outbox", "messages", "chats", "devices")
+    await vacuum(url, "outbox", "outbox_due", "outbox_sent", "messages", "chats", "devices")
     await asyncio.sleep(args.settle)
     return campaign_id
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -24,7 +22,6 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import PG_ADMIN
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.events import Receipt, ReceiptType
 from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
@@ -55,17 +52,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await migrate.upgrade(engine)
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def fresh_pg_url(pg_url: str) -> Iterator[str]:
-    """An empty Postgres database of its own (the run's database is migrated by earlier tests)."""
-    name = f"wamd_fresh_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- migrations ------------------------------------------------------------------------------------------------
@@ -691,5 +677,5 @@ def test_rows_of_the_send_path_come_in_the_order_outbox_items_take() -> None:
     # `item_from_tuple` unpacks claimed and locked rows by position, in the order of `OutboxItem`'s fields.
     fields = tuple(f.name for f in dataclasses.fields(OutboxItem))
     assert fields == CLAIM_COLUMNS
-    locked = LOCK_DUE_PG.split("FROM outbox", 1)[0].removeprefix("\nSELECT").split(",")
-    assert tuple(c.strip().replace("attempts + 1", "attempts") for c in locked) == fields
+    locked = LOCK_DUE_PG.split("FROM outbox_due", 1)[0].removeprefix("\nSELECT").split(",")
+    assert tuple(c.strip().removeprefix("o.").replace("attempts + 1", "attempts") for c in locked) == fields

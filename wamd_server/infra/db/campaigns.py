@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from wamd_server.domain.models import Campaign, CampaignStatus, Lead, OutboxStatus, TargetStatus
 from wamd_server.infra.db.leads import lead_from_row
-from wamd_server.infra.db.tables import campaigns, leads, outbox
+from wamd_server.infra.db.tables import campaigns, leads, outbox, outbox_due
 
 CAMPAIGN_FIELDS = frozenset(
     {
@@ -215,14 +215,15 @@ class SqlCampaignRepository:
             return []
         query = (
             select(outbox.c.id.label("row_id"), leads)
+            .join(outbox_due, outbox_due.c.id == outbox.c.id)
             .join(leads, leads.c.id == outbox.c.lead_id)
             .where(
-                outbox.c.source_id == campaign_id,
+                outbox_due.c.source_id == campaign_id,
+                outbox_due.c.device_id.in_(list(stuck_devices)),
                 outbox.c.status == OutboxStatus.QUEUED.value,
-                outbox.c.device_id.in_(list(stuck_devices)),
                 leads.c.device_id.is_(None),
             )
-            .order_by(outbox.c.seq)
+            .order_by(outbox_due.c.seq)
             .limit(limit)
         )
         async with self._engine.connect() as conn:
@@ -237,6 +238,14 @@ class SqlCampaignRepository:
             .where(outbox.c.id == bindparam("b_id"), outbox.c.status == OutboxStatus.QUEUED.value)
             .values(device_id=bindparam("b_device"), updated_at=now)
         )
+        # The due row follows its outbox row (whether it moved or not).
+        follow = (
+            update(outbox_due)
+            .where(outbox_due.c.id == bindparam("b_id"))
+            .values(device_id=select(outbox.c.device_id).where(outbox.c.id == outbox_due.c.id).scalar_subquery())
+        )
+        params = [{"b_id": row, "b_device": device} for row, device in moves.items()]
         async with self._engine.begin() as conn:
-            result = await conn.execute(stmt, [{"b_id": row, "b_device": device} for row, device in moves.items()])
+            result = await conn.execute(stmt, params)
+            await conn.execute(follow, [{"b_id": p["b_id"]} for p in params])
         return int(result.rowcount or 0)

@@ -34,19 +34,35 @@ from wamd_server.infra.db.outbox import HELD_CAMPAIGNS, NEXT_DUE_PG, execute_rec
 # The due rows of `_CLAIM_PG` (same columns), locked instead of written; the attempt they are for is counted when
 # their result is written, so `attempts` comes back as it will be then.
 LOCK_DUE_PG = """
-SELECT id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
-    lead_id, media_id, source_id, attempts + 1, last_error, min_delay_s, max_delay_s, sent_at, seq
-FROM outbox
-WHERE device_id = %(device)s AND status = %(queued)s AND scheduled_at <= %(now)s
-  AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
-ORDER BY scheduled_at, seq
+SELECT o.id, o.device_id, o.recipient, o.text, o.source_kind, o.source_key, o.wa_message_id, o.status,
+    o.scheduled_at, o.user_id, o.lead_id, o.media_id, o.source_id, o.attempts + 1, o.last_error, o.min_delay_s,
+    o.max_delay_s, o.sent_at, o.seq
+FROM outbox_due d JOIN outbox o ON o.id = d.id
+WHERE d.device_id = %(device)s AND d.scheduled_at <= %(now)s AND o.status = %(queued)s
+      AND o.device_id = %(device)s
+  AND (d.source_id IS NULL OR d.source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+ORDER BY d.scheduled_at, d.seq
 LIMIT %(limit)s
-FOR UPDATE OF outbox SKIP LOCKED
+FOR UPDATE OF o SKIP LOCKED
 """
+# A result other than `sent`: failed or cancelled rows leave `outbox_due` (a failure is logged in `outbox_failed`),
+# a row queued again is due at its new time.
 _SETTLE_PG = """
-UPDATE outbox SET status = %(status)s, last_error = %(error)s, scheduled_at = coalesce(%(at)s, scheduled_at),
-    attempts = attempts + 1, updated_at = %(now)s
-WHERE id = %(id)s
+WITH settled AS (
+    UPDATE outbox SET status = %(status)s, last_error = %(error)s, scheduled_at = coalesce(%(at)s, scheduled_at),
+        attempts = attempts + 1, updated_at = %(now)s
+    WHERE id = %(id)s
+    RETURNING id, device_id, status, scheduled_at
+),
+gone AS (
+    DELETE FROM outbox_due USING settled WHERE outbox_due.id = settled.id AND settled.status <> %(queued)s
+),
+failure AS (
+    INSERT INTO outbox_failed (device_id, failed_at, outbox_id)
+    SELECT device_id, %(now)s, id FROM settled WHERE status = %(failed)s
+)
+UPDATE outbox_due SET scheduled_at = settled.scheduled_at FROM settled
+WHERE outbox_due.id = settled.id AND settled.status = %(queued)s
 """
 MAX_OPEN_S = 1.0
 
@@ -122,8 +138,9 @@ class LockedBatch:
             }
             await execute_record_sent(pg, self.device_id, params, self._history)
         for s in self._settled:
+            params = {"status": s.status.value, "error": s.error, "at": s.at, "now": s.now, "id": s.id}
             await pg.execute(
-                _SETTLE_PG, {"status": s.status.value, "error": s.error, "at": s.at, "now": s.now, "id": s.id}
+                _SETTLE_PG, {**params, "queued": OutboxStatus.QUEUED.value, "failed": OutboxStatus.FAILED.value}
             )
 
 

@@ -4,6 +4,10 @@ Producers insert with a unique `source_key` (`ON CONFLICT DO NOTHING`), so produ
 message. The worker that owns a device claims its due rows (`FOR UPDATE SKIP LOCKED` on Postgres; SQLite has
 one writer), marks them `sending`, and records `sent` or `failed` after the attempt. Reports are computed from
 these rows only.
+
+A row still to send also has an `outbox_due` row (device, due time: what claims search), and each send an
+`outbox_sent` row (device, time: pacing's caps); see `tables.py`. Every statement here that queues or settles a
+row keeps both in step, in the same transaction, locking `outbox` rows before theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from sqlalchemy import bindparam, case, distinct, func, select, update
+from sqlalchemy import ColumnElement, bindparam, case, delete, distinct, func, insert, literal, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,7 +30,18 @@ from wamd_server.domain.models import CampaignStatus, InboundMessage, OutboxItem
 from wamd_server.domain.ports import Sent
 from wamd_server.infra.db.engine import driver_connection, is_postgres
 from wamd_server.infra.db.messages import SENT_HISTORY_CTES_PG, sent_history_params, write_sent
-from wamd_server.infra.db.tables import campaigns, devices, distribution_reports, leads, messages, outbox
+from wamd_server.infra.db.tables import (
+    campaigns,
+    devices,
+    distribution_reports,
+    leads,
+    messages,
+    outbox,
+    outbox_due,
+    outbox_failed,
+    outbox_sent,
+)
+from wamd_server.infra.db.types import UtcDateTime
 from wamd_server.infra.db.upsert import insert_for
 
 INSERT_BATCH = 1000
@@ -34,16 +49,19 @@ INSERT_BATCH = 1000
 # The send path on Postgres, as plain SQL run by psycopg (see `driver_connection`): it runs once per batch of a
 # device, thousands of times a minute during a broadcast. Same semantics as the SQLAlchemy statements used on
 # SQLite (and kept next to them): claim due rows of one device, oldest first, skipping rows locked by another
-# claim and rows of paused or cancelled campaigns.
+# claim and rows of paused or cancelled campaigns. The device is checked on the outbox row too: a row moved to
+# another device (`move_rows`) while the claim waited for its lock is re-checked as it is now, its `outbox_due`
+# row as it was.
 _CLAIM_PG = """
 UPDATE outbox SET status = %(sending)s, attempts = attempts + 1, claimed_at = %(now)s, updated_at = %(now)s
 WHERE id IN (
-    SELECT id FROM outbox
-    WHERE device_id = %(device)s AND status = %(queued)s AND scheduled_at <= %(now)s
-      AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
-    ORDER BY scheduled_at, seq
+    SELECT o.id FROM outbox_due d JOIN outbox o ON o.id = d.id
+    WHERE d.device_id = %(device)s AND d.scheduled_at <= %(now)s AND o.status = %(queued)s
+      AND o.device_id = %(device)s
+      AND (d.source_id IS NULL OR d.source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+    ORDER BY d.scheduled_at, d.seq
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF o SKIP LOCKED
 )
 RETURNING id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq
@@ -56,7 +74,8 @@ CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)[
 # `sending` row while a broadcast holds thousands, and the planner scanned all of them (index on status) for every
 # batch instead of looking the batch's ids up by primary key.
 # `%(held_as)s` is the status the rows are held in: `sending` after a claim, `queued` in a locked batch (whose
-# attempt is then counted here, `%(counted)s`, instead of by a claim).
+# attempt is then counted here, `%(counted)s`, instead of by a claim). The rows marked leave `outbox_due` and
+# enter `outbox_sent`.
 _MARK_SENT_CTE_PG = """
 marked AS (
     UPDATE outbox SET status = %(sent)s, sent_at = v.sent_at, server_ts = v.server_ts, updated_at = v.sent_at,
@@ -64,13 +83,22 @@ marked AS (
     FROM unnest(%(ids)b::uuid[], %(sent_at)b::timestamptz[], %(server_ts)b::timestamptz[])
          AS v(id, sent_at, server_ts)
     WHERE outbox.id = v.id AND (outbox.status = %(held_as)s) IS TRUE
+    RETURNING outbox.id, outbox.device_id, outbox.sent_at
+),
+undue AS (
+    DELETE FROM outbox_due USING marked WHERE outbox_due.id = marked.id
+),
+logged AS (
+    INSERT INTO outbox_sent (device_id, sent_at, outbox_id) SELECT device_id, sent_at, id FROM marked
 )
 """
 _MARK_SENT_PG = "WITH " + _MARK_SENT_CTE_PG + "SELECT 1"
 _RECORD_SENT_PG = "WITH " + _MARK_SENT_CTE_PG + ", " + SENT_HISTORY_CTES_PG + "SELECT 1"
 # Producing on Postgres: a chunk of messages as one INSERT over arrays (one statement per row before, through
-# SQLAlchemy's executemany: a 200,000-lead broadcast took minutes to enqueue). The row count is what was new.
+# SQLAlchemy's executemany: a 200,000-lead broadcast took minutes to enqueue), each new row due as well. The row
+# count is what was new.
 _ENQUEUE_PG = """
+WITH new AS (
 INSERT INTO outbox (id, seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id,
                     source_key, wa_message_id, status, attempts, scheduled_at, min_delay_s, max_delay_s, created_at,
                     updated_at)
@@ -84,13 +112,22 @@ FROM unnest(%(seq)b::bigint[], %(user_id)b::uuid[], %(device_id)b::uuid[], %(lea
      AS r(seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id, source_key,
           wa_message_id, scheduled_at, min_delay_s, max_delay_s)
 ON CONFLICT (source_key) DO NOTHING
+RETURNING id, device_id, source_id, scheduled_at, seq
+)
+INSERT INTO outbox_due (id, device_id, source_id, scheduled_at, seq)
+SELECT id, device_id, source_id, scheduled_at, seq FROM new
 """
 ENQUEUE_CHUNK_PG = 5000
+# The first due row in the device's order that is queued (not `sending`) and not held.
 NEXT_DUE_PG = """
-SELECT min(scheduled_at) FROM outbox
-WHERE device_id = %(device)s AND status = %(queued)s
-  AND (source_id IS NULL OR source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+SELECT d.scheduled_at FROM outbox_due d JOIN outbox o ON o.id = d.id
+WHERE d.device_id = %(device)s AND o.status = %(queued)s AND o.device_id = %(device)s
+  AND (d.source_id IS NULL OR d.source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
+ORDER BY d.scheduled_at, d.seq
+LIMIT 1
 """
+DUE_COLUMNS = ("id", "device_id", "source_id", "scheduled_at", "seq")
+WAITING = (OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value)
 HELD_CAMPAIGNS = [CampaignStatus.PAUSED.value, CampaignStatus.CANCELLED.value]
 
 
@@ -199,6 +236,40 @@ def tally_from(row: Any) -> Tally:
     )
 
 
+def _due_of(device_id: UUID) -> Any:
+    """The device's rows waiting in `outbox_due` that are queued (not `sending`) and not held (paused or cancelled
+    campaign), as a select of their ids, to be ordered, limited or aggregated."""
+    held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
+    return (
+        select(outbox_due.c.id)
+        .join(outbox, outbox.c.id == outbox_due.c.id)
+        .where(
+            outbox_due.c.device_id == device_id,
+            outbox.c.device_id == device_id,
+            outbox.c.status == OutboxStatus.QUEUED.value,
+            (outbox_due.c.source_id.is_(None)) | (outbox_due.c.source_id.not_in(held)),
+        )
+    )
+
+
+def _due_again(rows: ColumnElement[bool]) -> Any:
+    """`outbox_due` rows for the outbox rows matching `rows` that are queued and not due yet (queued again)."""
+    waiting = select(outbox_due.c.id).where(outbox_due.c.id == outbox.c.id).exists()
+    return insert(outbox_due).from_select(
+        list(DUE_COLUMNS),
+        select(*(outbox.c[name] for name in DUE_COLUMNS)).where(
+            rows, outbox.c.status == OutboxStatus.QUEUED.value, ~waiting
+        ),
+    )
+
+
+def _settled_leave(rows: ColumnElement[bool], *due: ColumnElement[bool]) -> Any:
+    """Remove from `outbox_due` the rows matching `rows` (and, to narrow the search there, `due`) that are no
+    longer waiting. The outbox rows are found first (through `rows`' index), then their due rows by key."""
+    settled = select(outbox.c.id).where(rows, outbox.c.status.not_in(WAITING))
+    return delete(outbox_due).where(outbox_due.c.id.in_(settled), *due)
+
+
 class SqlOutboxRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -260,10 +331,13 @@ class SqlOutboxRepository:
                 stmt = (
                     insert_for(conn, outbox)
                     .on_conflict_do_nothing(index_elements=[outbox.c.source_key])
-                    .returning(outbox.c.id)
+                    .returning(*(outbox.c[name] for name in DUE_COLUMNS))
                 )
                 # executemany: SQLAlchemy sends it as batched multi-row INSERTs without compiling one per size.
-                created += len((await conn.execute(stmt, rows)).all())
+                new = [dict(r) for r in (await conn.execute(stmt, rows)).mappings()]
+                if new:
+                    await conn.execute(insert(outbox_due), new)
+                created += len(new)
         return created
 
     async def claim(self, device_id: UUID, now: datetime, limit: int) -> list[OutboxItem]:
@@ -284,18 +358,12 @@ class SqlOutboxRepository:
                 claimed = await (await pg.execute(_CLAIM_PG, params, binary=True)).fetchall()
             items = [item_from_tuple(r) for r in claimed]
             return sorted(items, key=lambda item: (item.scheduled_at, item.seq))
-        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
         due = (
-            select(outbox.c.id)
-            .where(
-                outbox.c.device_id == device_id,
-                outbox.c.status == OutboxStatus.QUEUED.value,
-                outbox.c.scheduled_at <= now,
-                (outbox.c.source_id.is_(None)) | (outbox.c.source_id.not_in(held)),
-            )
-            .order_by(outbox.c.scheduled_at, outbox.c.seq)
+            _due_of(device_id)
+            .where(outbox_due.c.scheduled_at <= now)
+            .order_by(outbox_due.c.scheduled_at, outbox_due.c.seq)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .correlate(None)  # its `outbox` is not the one the statement updates
             .scalar_subquery()
         )
         stmt = (
@@ -318,12 +386,7 @@ class SqlOutboxRepository:
             async with driver_connection(self._engine) as pg:
                 row = await (await pg.execute(NEXT_DUE_PG, params)).fetchone()
             return utc_or_none(row[0]) if row is not None else None
-        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
-        query = select(func.min(outbox.c.scheduled_at)).where(
-            outbox.c.device_id == device_id,
-            outbox.c.status == OutboxStatus.QUEUED.value,
-            (outbox.c.source_id.is_(None)) | (outbox.c.source_id.not_in(held)),
-        )
+        query = _due_of(device_id).with_only_columns(func.min(outbox_due.c.scheduled_at))
         async with self._engine.connect() as conn:
             value: datetime | None = (await conn.execute(query)).scalar_one()
         return value
@@ -332,7 +395,8 @@ class SqlOutboxRepository:
         """Rows left `sending` (a crash between claim and result): they are sent again with the same id."""
         query = (
             select(outbox)
-            .where(outbox.c.device_id == device_id, outbox.c.status == OutboxStatus.SENDING.value)
+            .join(outbox_due, outbox_due.c.id == outbox.c.id)
+            .where(outbox_due.c.device_id == device_id, outbox.c.status == OutboxStatus.SENDING.value)
             .order_by(outbox.c.scheduled_at, outbox.c.seq)
         )
         async with self._engine.connect() as conn:
@@ -368,8 +432,19 @@ class SqlOutboxRepository:
             )
         )
         async with self._engine.begin() as conn:
-            if sent:
-                await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in sent])
+            # SQLite has one writer: the rows found still `sending` here are the ones the update settles.
+            held = select(outbox.c.id).where(
+                outbox.c.id.in_([s.id for s in sent]), outbox.c.status == OutboxStatus.SENDING.value
+            )
+            settled = set((await conn.execute(held)).scalars()) if sent else set()
+            marked = list({s.id: s for s in sent if s.id in settled}.values())
+            if marked:
+                await conn.execute(stmt, [{"b_id": s.id, "b_sent": s.sent_at, "b_ts": s.server_ts} for s in marked])
+                await conn.execute(delete(outbox_due).where(outbox_due.c.id.in_(settled)))
+                await conn.execute(
+                    insert(outbox_sent),
+                    [{"device_id": device_id, "sent_at": s.sent_at, "outbox_id": s.id} for s in marked],
+                )
             if history:
                 await write_sent(conn, [(device_id, m) for m in history])
 
@@ -383,13 +458,14 @@ class SqlOutboxRepository:
         )
         query = (
             select(outbox)
+            .join(outbox_sent, outbox_sent.c.outbox_id == outbox.c.id)
             .where(
-                outbox.c.device_id == device_id,
-                outbox.c.sent_at >= since,
+                outbox_sent.c.device_id == device_id,
+                outbox_sent.c.sent_at >= since,
                 outbox.c.status == OutboxStatus.SENT.value,
                 ~stored,
             )
-            .order_by(outbox.c.sent_at)
+            .order_by(outbox_sent.c.sent_at)
         )
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
@@ -419,13 +495,22 @@ class SqlOutboxRepository:
             await conn.execute(stmt)
 
     async def _set(self, item_id: UUID, now: datetime, **values: Any) -> None:
+        """Settle a row (or queue it again), its `outbox_due` row following (and `outbox_failed`)."""
         async with self._engine.begin() as conn:
             await conn.execute(update(outbox).where(outbox.c.id == item_id).values(updated_at=now, **values))
+            await conn.execute(delete(outbox_due).where(outbox_due.c.id == item_id))
+            await conn.execute(_due_again(outbox.c.id == item_id))
+            if values.get("status") == OutboxStatus.FAILED.value:
+                failure = select(outbox.c.device_id, literal(now, UtcDateTime), outbox.c.id)
+                logged = insert(outbox_failed).from_select(
+                    ["device_id", "failed_at", "outbox_id"], failure.where(outbox.c.id == item_id)
+                )
+                await conn.execute(logged)
 
     async def sent_since(self, device_id: UUID, since: datetime) -> list[datetime]:
-        query = select(outbox.c.sent_at).where(outbox.c.device_id == device_id, outbox.c.sent_at > since)
+        query = select(outbox_sent.c.sent_at).where(outbox_sent.c.device_id == device_id, outbox_sent.c.sent_at > since)
         async with self._engine.connect() as conn:
-            return [t for t in (await conn.execute(query)).scalars() if t is not None]
+            return list((await conn.execute(query)).scalars())
 
     async def opted_out_phones(self) -> set[str]:
         """Every phone that opted out (a short list next to the leads: kept in memory by the dispatchers)."""
@@ -435,13 +520,16 @@ class SqlOutboxRepository:
 
     async def cancel_for_recipient(self, recipient: str, reason: str, now: datetime) -> int:
         """Cancel every message still waiting for `recipient` (they opted out)."""
+        of_recipient = outbox.c.recipient == recipient
         stmt = (
             update(outbox)
-            .where(outbox.c.recipient == recipient, outbox.c.status == OutboxStatus.QUEUED.value)
+            .where(of_recipient, outbox.c.status == OutboxStatus.QUEUED.value)
             .values(status=OutboxStatus.CANCELLED.value, last_error=reason, updated_at=now)
         )
         async with self._engine.begin() as conn:
-            return int((await conn.execute(stmt)).rowcount or 0)
+            cancelled = int((await conn.execute(stmt)).rowcount or 0)
+            await conn.execute(_settled_leave(of_recipient))
+        return cancelled
 
     async def cancel_source(self, source_id: UUID, reason: str, now: datetime) -> int:
         stmt = (
@@ -450,25 +538,25 @@ class SqlOutboxRepository:
             .values(status=OutboxStatus.CANCELLED.value, last_error=reason, updated_at=now)
         )
         async with self._engine.begin() as conn:
-            return int((await conn.execute(stmt)).rowcount or 0)
+            cancelled = int((await conn.execute(stmt)).rowcount or 0)
+            await conn.execute(_settled_leave(outbox.c.source_id == source_id, outbox_due.c.source_id == source_id))
+        return cancelled
 
     async def retry_failed(self, source_id: UUID, device_id: UUID | None, now: datetime) -> int:
         """Failed messages of a source back to the queue (same message ids), due now."""
-        stmt = update(outbox).where(outbox.c.source_id == source_id, outbox.c.status == OutboxStatus.FAILED.value)
+        of_source = outbox.c.source_id == source_id
         if device_id is not None:
-            stmt = stmt.where(outbox.c.device_id == device_id)
-        stmt = stmt.values(status=OutboxStatus.QUEUED.value, attempts=0, scheduled_at=now, updated_at=now)
-        async with self._engine.begin() as conn:
-            return int((await conn.execute(stmt)).rowcount or 0)
-
-    async def devices_with_due(self, now: datetime) -> list[UUID]:
-        query = (
-            select(outbox.c.device_id)
-            .where(outbox.c.status == OutboxStatus.QUEUED.value, outbox.c.scheduled_at <= now)
-            .distinct()
+            of_source = of_source & (outbox.c.device_id == device_id)
+        stmt = (
+            update(outbox)
+            .where(of_source, outbox.c.status == OutboxStatus.FAILED.value)
+            .values(status=OutboxStatus.QUEUED.value, attempts=0, scheduled_at=now, updated_at=now)
         )
-        async with self._engine.connect() as conn:
-            return list((await conn.execute(query)).scalars())
+        async with self._engine.begin() as conn:
+            retried = int((await conn.execute(stmt)).rowcount or 0)
+            if retried:
+                await conn.execute(_due_again(of_source))
+        return retried
 
     # --- reports (the only source of every number shown for sending) --------------------------------------
 
@@ -542,34 +630,37 @@ class SqlOutboxRepository:
     async def queue_overview(self, device_ids: Sequence[UUID] | None, now: datetime) -> dict[UUID, dict[str, Any]]:
         """Per device: queued, sending, sent in the last hour, and when the next queued message is due."""
         status = outbox.c.status
-        query = (
+        waiting = (
             select(
-                outbox.c.device_id,
+                outbox_due.c.device_id,
                 func.sum(case((status == OutboxStatus.QUEUED.value, 1), else_=0)).label("queued"),
                 func.sum(case((status == OutboxStatus.SENDING.value, 1), else_=0)).label("sending"),
-                func.sum(case((outbox.c.sent_at > now - timedelta(hours=1), 1), else_=0)).label("sent_last_hour"),
-                func.min(case((status == OutboxStatus.QUEUED.value, outbox.c.scheduled_at), else_=None)).label(
+                func.min(case((status == OutboxStatus.QUEUED.value, outbox_due.c.scheduled_at), else_=None)).label(
                     "next_due"
                 ),
             )
-            .where(
-                status.in_([OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value])
-                | (outbox.c.sent_at > now - timedelta(hours=1))
-            )
-            .group_by(outbox.c.device_id)
+            .join(outbox, outbox.c.id == outbox_due.c.id)
+            .group_by(outbox_due.c.device_id)
+        )
+        sent = (
+            select(outbox_sent.c.device_id, func.count().label("sent_last_hour"))
+            .where(outbox_sent.c.sent_at > now - timedelta(hours=1))
+            .group_by(outbox_sent.c.device_id)
         )
         if device_ids is not None:
-            query = query.where(outbox.c.device_id.in_(list(device_ids)))
+            waiting = waiting.where(outbox_due.c.device_id.in_(list(device_ids)))
+            sent = sent.where(outbox_sent.c.device_id.in_(list(device_ids)))
+        overview: dict[UUID, dict[str, Any]] = {}
+
+        def entry(device_id: UUID) -> dict[str, Any]:
+            return overview.setdefault(device_id, {"queued": 0, "sending": 0, "sent_last_hour": 0, "next_due": None})
+
         async with self._engine.connect() as conn:
-            return {
-                r.device_id: {
-                    "queued": int(r.queued or 0),
-                    "sending": int(r.sending or 0),
-                    "sent_last_hour": int(r.sent_last_hour or 0),
-                    "next_due": r.next_due,
-                }
-                for r in await conn.execute(query)
-            }
+            for r in await conn.execute(waiting):
+                entry(r.device_id).update(queued=int(r.queued or 0), sending=int(r.sending or 0), next_due=r.next_due)
+            for r in await conn.execute(sent):
+                entry(r.device_id)["sent_last_hour"] = int(r.sent_last_hour)
+        return overview
 
     # --- lead distribution: the record a distributor weighs, and the report it leaves ---------------------
 
@@ -579,38 +670,39 @@ class SqlOutboxRepository:
         history = {device_id: {"sent": 0, "failed": 0, "replied": 0} for device_id in device_ids}
         if not history:
             return history
-        status = outbox.c.status
-        sent = (status == OutboxStatus.SENT.value) & (outbox.c.sent_at >= since)
-        failed = (status == OutboxStatus.FAILED.value) & (outbox.c.updated_at >= since)  # failed rows have no sent_at
-        counts = (
-            select(
-                outbox.c.device_id,
-                func.sum(case((sent, 1), else_=0)).label("sent"),
-                func.sum(case((failed, 1), else_=0)).label("failed"),
+        asked = list(history)
+        sends = (outbox_sent.c.device_id.in_(asked)) & (outbox_sent.c.sent_at >= since)
+        sent = select(outbox_sent.c.device_id, func.count().label("n")).where(sends).group_by(outbox_sent.c.device_id)
+        failed = (  # rows failing since, and failed still (not retried meanwhile)
+            select(outbox_failed.c.device_id, func.count(distinct(outbox_failed.c.outbox_id)).label("n"))
+            .join(outbox, outbox.c.id == outbox_failed.c.outbox_id)
+            .where(
+                outbox_failed.c.device_id.in_(asked),
+                outbox_failed.c.failed_at >= since,
+                outbox.c.status == OutboxStatus.FAILED.value,
             )
-            .where(outbox.c.device_id.in_(list(history)), sent | failed)
-            .group_by(outbox.c.device_id)
+            .group_by(outbox_failed.c.device_id)
         )
         reply = (
             select(messages.c.wa_message_id)
             .where(
-                messages.c.device_id == outbox.c.device_id,
+                messages.c.device_id == outbox_sent.c.device_id,
                 messages.c.chat_jid == outbox.c.recipient + "@s.whatsapp.net",
                 messages.c.from_me.is_(False),
-                messages.c.sent_at > outbox.c.sent_at,
+                messages.c.sent_at > outbox_sent.c.sent_at,
             )
             .exists()
         )
         replied = (
-            select(outbox.c.device_id, func.count(distinct(outbox.c.recipient)).label("replied"))
-            .where(outbox.c.device_id.in_(list(history)), sent, reply)
-            .group_by(outbox.c.device_id)
+            select(outbox_sent.c.device_id, func.count(distinct(outbox.c.recipient)).label("n"))
+            .join(outbox, outbox.c.id == outbox_sent.c.outbox_id)
+            .where(sends, reply)
+            .group_by(outbox_sent.c.device_id)
         )
         async with self._engine.connect() as conn:
-            for row in await conn.execute(counts):
-                history[row.device_id].update(sent=int(row.sent or 0), failed=int(row.failed or 0))
-            for row in await conn.execute(replied):
-                history[row.device_id]["replied"] = int(row.replied)
+            for key, query in (("sent", sent), ("failed", failed), ("replied", replied)):
+                for row in await conn.execute(query):
+                    history[row.device_id][key] = int(row.n)
         return history
 
     async def distribution_report(self, campaign_id: UUID, plugin: str) -> dict[str, Any] | None:

@@ -1,5 +1,10 @@
 """Alembic environment. wamd runs migrations in-process (see `wamd_server.infra.db.migrate`), passing a
-connection in `config.attributes["connection"]`; `render_as_batch` keeps ALTERs working on SQLite."""
+connection in `config.attributes["connection"]`; `render_as_batch` keeps ALTERs working on SQLite.
+
+On SQLite the connection enforces foreign keys, and a batch operation that has to recreate a table drops the old
+one: the rows of tables referencing it `ON DELETE CASCADE` would go too (recreating `outbox` would empty
+`outbox_due`, and nothing would be sent). A migration that recreates such a table must turn foreign keys off
+first (outside the transaction) or save and restore those rows."""
 
 from alembic import context
 

@@ -1,0 +1,301 @@
+"""The outbox's two companions (`outbox_due`: rows still to send; `outbox_sent`: each send by device and time) stay
+in step with the outbox through everything that queues or settles a row, on both backends; and on Postgres,
+settling a row is an update that touches no index (what the split is for)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import Connection, Uuid, column, inspect, select, text
+from sqlalchemy import table as table_clause
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from wamd_server.domain.models import OutboxStatus, SourceKind
+from wamd_server.domain.ports import Sent
+from wamd_server.infra.db import migrate
+from wamd_server.infra.db.campaigns import SqlCampaignRepository
+from wamd_server.infra.db.devices import SqlDeviceRepository
+from wamd_server.infra.db.engine import create_engine, driver_connection
+from wamd_server.infra.db.locked_batch import LockedBatches
+from wamd_server.infra.db.outbox import NewMessage, SqlOutboxRepository, execute_record_sent
+from wamd_server.infra.db.tables import outbox, outbox_due, outbox_failed, outbox_sent
+from wamd_server.infra.db.types import UtcDateTime
+
+T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
+PHONES = [f"6019900010{n}" for n in range(6)]
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    await migrate.upgrade(engine)
+    yield engine
+    await engine.dispose()
+
+
+def _due_key(row: Any) -> tuple[Any, ...]:
+    return row["device_id"], row["source_id"], row["scheduled_at"], row["seq"]
+
+
+async def tables(engine: AsyncEngine) -> dict[str, Any]:
+    """The outbox rows by status, and what the two companion tables hold, as comparable values."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(outbox))).mappings().all()
+        due = (await conn.execute(select(outbox_due))).mappings().all()
+        sent = (await conn.execute(select(outbox_sent))).mappings().all()
+        failed = (await conn.execute(select(outbox_failed))).all()
+    waiting = {OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value}
+    return {
+        "expected_due": {
+            r["id"]: (r["device_id"], r["source_id"], r["scheduled_at"], r["seq"])
+            for r in rows
+            if r["status"] in waiting
+        },
+        "due": {d["id"]: (d["device_id"], d["source_id"], d["scheduled_at"], d["seq"]) for d in due},
+        "expected_sent": {(r["device_id"], r["sent_at"], r["id"]) for r in rows if r["status"] == "sent"},
+        "sent": {(s["device_id"], s["sent_at"], s["outbox_id"]) for s in sent},
+        "status": {r["recipient"]: r["status"] for r in rows},
+        "failed": {tuple(f) for f in failed},
+    }
+
+
+async def in_step(engine: AsyncEngine) -> dict[str, str]:
+    found = await tables(engine)
+    assert found["due"] == found["expected_due"]
+    assert found["sent"] == found["expected_sent"]
+    status: dict[str, str] = found["status"]
+    return status
+
+
+async def test_due_rows_and_sends_follow_every_change_of_a_row(engine: AsyncEngine) -> None:
+    devices = SqlDeviceRepository(engine)
+    first = await devices.add("First", None, None)
+    second = await devices.add("Second", None, None)
+    rows = SqlOutboxRepository(engine)
+    source = uuid.uuid4()
+    new = [
+        NewMessage(first.id, phone, f"hi {n}", SourceKind.CAMPAIGN, f"k{n}", T0, source_id=source)
+        for n, phone in enumerate(PHONES)
+    ]
+    assert await rows.enqueue(new, T0) == 6
+    assert await rows.enqueue(new, T0) == 0  # producing twice adds nothing, in either table
+    assert set((await in_step(engine)).values()) == {"queued"}
+    assert await rows.next_due(first.id) == T0
+
+    claimed = await rows.claim(first.id, T0, 4)
+    assert [i.recipient for i in claimed] == PHONES[:4]
+    await in_step(engine)
+    assert [i.id for i in await rows.in_flight(first.id)] == [i.id for i in claimed]
+    assert await rows.next_due(first.id) == T0  # rows 4 and 5 still queued
+
+    sent_at = T0 + timedelta(seconds=5)
+    await rows.record_sent(first.id, [Sent(claimed[0].id, sent_at, sent_at, claimed[0].wa_message_id)], [])
+    await rows.record_sent(first.id, [Sent(claimed[0].id, sent_at, sent_at, claimed[0].wa_message_id)], [])
+    await rows.mark_failed(claimed[1].id, "not on WhatsApp", T0)
+    await rows.mark_cancelled(claimed[2].id, "opted out", T0)
+    later = T0 + timedelta(minutes=10)
+    await rows.retry_later(claimed[3].id, later, "timeout", T0)
+    status = await in_step(engine)
+    assert [status[p] for p in PHONES] == ["sent", "failed", "cancelled", "queued", "queued", "queued"]
+    assert await rows.sent_since(first.id, T0) == [sent_at]  # settled once: one send
+    assert await rows.sent_since(second.id, T0) == []
+    assert (await tables(engine))["failed"] == {(first.id, T0, claimed[1].id)}
+    week_ago = T0 - timedelta(days=7)
+    record = await rows.device_history([first.id, second.id], week_ago)
+    assert record[first.id] == {"sent": 1, "failed": 1, "replied": 0}
+    assert record[second.id] == {"sent": 0, "failed": 0, "replied": 0}
+
+    assert await rows.retry_failed(source, None, T0 + timedelta(minutes=1)) == 1
+    assert (await rows.device_history([first.id], week_ago))[first.id]["failed"] == 0  # failed no more
+    assert await rows.cancel_for_recipient(PHONES[4], "opted out", T0) == 1
+    status = await in_step(engine)
+    assert [status[p] for p in PHONES] == ["sent", "queued", "cancelled", "queued", "cancelled", "queued"]
+
+    overview = await rows.queue_overview([first.id, second.id], sent_at)
+    assert overview[first.id] == {"queued": 3, "sending": 0, "sent_last_hour": 1, "next_due": T0}
+    assert second.id not in overview
+
+    # A queued row given to another device takes its place in that device's queue.
+    moved = await SqlCampaignRepository(engine).move_rows({claimed[3].id: second.id}, T0)
+    assert moved == 1
+    await in_step(engine)
+    assert await rows.next_due(second.id) == later
+    assert [i.recipient for i in await rows.claim(second.id, later, 10)] == [PHONES[3]]
+
+    assert await rows.cancel_source(source, "campaign cancelled", T0) == 2
+    status = await in_step(engine)
+    assert [status[p] for p in PHONES] == ["sent", "cancelled", "cancelled", "sending", "cancelled", "cancelled"]
+    assert await rows.next_due(first.id) is None
+
+    # The device's rows, sends and failures go with it.
+    assert await devices.delete(first.id)
+    left = await tables(engine)
+    assert left["sent"] == left["failed"] == set()
+    assert set(left["due"]) == {claimed[3].id}  # the row moved to the second device
+
+
+async def test_a_locked_batch_settles_its_rows_in_both_tables(fresh_pg_url: str) -> None:
+    engine = create_engine(fresh_pg_url)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add("Locked", None, None)
+        rows = SqlOutboxRepository(engine)
+        await rows.enqueue(
+            [NewMessage(device.id, p, "hi", SourceKind.MANUAL, f"l{n}", T0) for n, p in enumerate(PHONES[:4])], T0
+        )
+        async with LockedBatches(engine, max_open=1).batch(device.id, T0, 10) as batch:
+            first, second, third, _ = batch.items
+            await batch.sent([Sent(first.id, T0, T0, first.wa_message_id)], [])
+            await batch.failed(second.id, "not on WhatsApp", T0)
+            await batch.retry_later(third.id, T0 + timedelta(hours=1), "timeout", T0)
+        status = await in_step(engine)
+        assert [status[p] for p in PHONES[:4]] == ["sent", "failed", "queued", "queued"]
+        assert (await tables(engine))["failed"] == {(device.id, T0, second.id)}
+        assert await rows.next_due(device.id) == T0  # the fourth; the third waits an hour
+    finally:
+        await engine.dispose()
+
+
+async def test_marking_a_batch_sent_adds_no_index_entry_on_postgres(fresh_pg_url: str) -> None:
+    """Every index of `outbox` holds only columns that marking a row sent leaves alone, so Postgres writes the new
+    version beside the old one (a HOT update, given room on the page: ten rows leave most of it free) instead of
+    adding an entry to each index."""
+    engine = create_engine(fresh_pg_url)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add("Hot", None, None)
+        rows = SqlOutboxRepository(engine)
+        await rows.enqueue(
+            [NewMessage(device.id, f"6019901{n:04d}", "hi", SourceKind.MANUAL, f"h{n}", T0) for n in range(10)], T0
+        )
+        async with engine.connect() as conn:
+            ids = list((await conn.execute(select(outbox.c.id))).scalars())
+        async with driver_connection(engine) as pg:
+            # The counters of this transaction, read inside it (nothing else adds to them).
+            await pg.execute("BEGIN")
+            params = {
+                "ids": ids,
+                "sent_at": [T0] * 10,
+                "server_ts": [T0] * 10,
+                "sent": "sent",
+                "held_as": "queued",  # as a locked batch holds them
+                "counted": 1,
+            }
+            await execute_record_sent(pg, device.id, params, [])
+            counts = await (
+                await pg.execute(
+                    "SELECT pg_stat_get_xact_tuples_updated('outbox'::regclass), "
+                    "pg_stat_get_xact_tuples_hot_updated('outbox'::regclass)"
+                )
+            ).fetchone()
+            await pg.execute("COMMIT")
+        assert counts == (10, 10)
+        assert set((await in_step(engine)).values()) == {"sent"}
+    finally:
+        await engine.dispose()
+
+
+# --- migration 0007 --------------------------------------------------------------------------------------------
+
+# The two tables as revision 0006 left them (the columns this test writes), typed for both backends.
+OLD_DEVICES = table_clause(
+    "devices",
+    column("id", Uuid),
+    column("name"),
+    column("status"),
+    column("created_at", UtcDateTime),
+    column("updated_at", UtcDateTime),
+)
+OLD_OUTBOX = table_clause(
+    "outbox",
+    column("id", Uuid),
+    column("seq"),
+    column("device_id", Uuid),
+    column("recipient"),
+    column("source_kind"),
+    column("source_id", Uuid),
+    column("source_key"),
+    column("wa_message_id"),
+    column("status"),
+    column("scheduled_at", UtcDateTime),
+    column("sent_at", UtcDateTime),
+    column("created_at", UtcDateTime),
+    column("updated_at", UtcDateTime),
+)
+
+
+def _migrate(conn: Connection, revision: str, down: bool = False) -> None:
+    cfg = migrate.alembic_config()
+    cfg.attributes["connection"] = conn
+    (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def _indexes(conn: Connection) -> set[tuple[str, ...]]:
+    """The outbox's own indexes (not those behind its unique constraints)."""
+    return {tuple(i["column_names"]) for i in inspect(conn).get_indexes("outbox") if i["name"].startswith("ix_")}
+
+
+async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
+    fresh_pg_url: str,
+    tmp_path: Any,
+) -> None:
+    for url in (fresh_pg_url, f"sqlite+aiosqlite:///{tmp_path / 'split.db'}"):
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_migrate, "0006")
+                device = uuid.uuid4()
+                await conn.execute(
+                    OLD_DEVICES.insert(),
+                    {"id": device, "name": "d", "status": "online", "created_at": T0, "updated_at": T0},
+                )
+                source = uuid.uuid4()
+                ids = {}
+                for n, status in enumerate(["queued", "sending", "sent", "failed"]):
+                    ids[status] = uuid.uuid4()
+                    await conn.execute(
+                        OLD_OUTBOX.insert(),
+                        {
+                            "id": ids[status],
+                            "seq": n,
+                            "device_id": device,
+                            "recipient": PHONES[n],
+                            "source_kind": "campaign",
+                            "source_id": source,
+                            "source_key": f"old-{n}",
+                            "wa_message_id": f"WA{n}",
+                            "status": status,
+                            "scheduled_at": T0,
+                            "sent_at": T0 + timedelta(seconds=n) if status == "sent" else None,
+                            "created_at": T0,
+                            "updated_at": T0,
+                        },
+                    )
+                await conn.run_sync(_migrate, "head")
+                due = (await conn.execute(text("SELECT id FROM outbox_due"))).scalars().all()
+                assert {uuid.UUID(str(d)) for d in due} == {ids["queued"], ids["sending"]}
+                logged = (await conn.execute(select(outbox_sent))).all()
+                assert [(r.device_id, r.sent_at, r.outbox_id) for r in logged] == [
+                    (device, T0 + timedelta(seconds=2), ids["sent"])
+                ]
+                failures = (await conn.execute(select(outbox_failed))).all()
+                assert [tuple(r) for r in failures] == [(device, T0, ids["failed"])]
+                assert await conn.run_sync(_indexes) == {("device_id",), ("source_id",), ("recipient",)}
+                await conn.run_sync(_migrate, "0006", True)
+                names = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+                assert not {"outbox_due", "outbox_sent", "outbox_failed"} & names
+                assert await conn.run_sync(_indexes) == {
+                    ("device_id", "status", "scheduled_at", "seq"),
+                    ("source_kind", "source_id", "status"),
+                    ("device_id", "sent_at"),
+                    ("recipient", "status"),
+                }
+                count = (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one()
+                assert count == 4
+        finally:
+            await engine.dispose()

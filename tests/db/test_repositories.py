@@ -397,6 +397,14 @@ async def test_messages_are_stored_once_and_the_chat_only_moves_forward(engine: 
     # the same message id on another device is another message
     assert await repo.store_inbound(other.id, inbound("W1", "first", T0)) is True
 
+    # deleting a device deletes its history, and only its own
+    assert await devices.delete(device.id)
+    assert await message_count(engine, device.id) == 0
+    assert await message_count(engine, other.id) == 1
+    async with engine.connect() as conn:
+        left = (await conn.execute(select(chats.c.device_id))).scalars().all()
+    assert left == [other.id]
+
 
 async def test_receipts_only_move_a_message_forward(engine: AsyncEngine) -> None:
     devices, repo = SqlDeviceRepository(engine), SqlMessageRepository(engine)
@@ -537,6 +545,42 @@ async def test_sends_stored_later_take_the_receipts_that_came_meanwhile(engine: 
     h4 = await stored(edited["H4"].wa_id)
     assert h4 is not None and h4[1] == "changed by a plugin"
     assert await message_count(engine, gone.id) == 0
+
+
+async def test_closing_the_history_writer_lets_a_write_finish_and_stores_the_rest_whole(engine: AsyncEngine) -> None:
+    """A server stopping while the history writer stores a batch: the batch is not cancelled (and written again),
+    and what waits is written in one statement, not one per device (thousands at the end of a broadcast)."""
+    devices, repo, rows = SqlDeviceRepository(engine), SqlMessageRepository(engine), SqlOutboxRepository(engine)
+    sent: dict[UUID, list[Sent]] = {}
+    for n in range(3):
+        device = await devices.add(f"Closing {n}", None, None)
+        new = [NewMessage(device.id, CONTACT, "hi", SourceKind.MANUAL, f"closing-{n}-{k}", T0) for k in range(2)]
+        await rows.enqueue(new, T0)
+        sent[device.id] = [Sent(i.id, T0, T0, i.wa_message_id) for i in await rows.claim(device.id, T0, 10)]
+        await rows.record_sent(device.id, sent[device.id], [])
+    first, *others = sent
+    writes: list[int] = []
+    writing, go_on = asyncio.Event(), asyncio.Event()
+
+    class Slow:
+        async def store_sent(self, sends: Sequence[Any]) -> None:
+            writes.append(len(sends))
+            if len(writes) == 1:
+                writing.set()
+                await go_on.wait()
+            await repo.store_sent(sends)
+
+    writer = HistoryWriter(Slow(), None, flush_s=0)
+    writer.add(first, sent[first])
+    await writing.wait()
+    for device_id in others:
+        writer.add(device_id, sent[device_id])
+    closing = asyncio.create_task(writer.close())
+    await asyncio.sleep(0)  # one turn of the loop: `close` is waiting for the write (or has cancelled it)
+    go_on.set()
+    await closing
+    assert writes == [2, 4]
+    assert await message_count(engine, first) == 2 and all([await message_count(engine, d) == 2 for d in others])
 
 
 async def test_a_burst_of_receipts_is_stored_but_announced_within_budgets(engine: AsyncEngine) -> None:

@@ -60,6 +60,8 @@ class HistoryWriter:
         self._one_by_one = False
         self._failures: dict[UUID, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._writing = False  # the task is in a flush (not between two)
+        self._closing = False
 
     def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None:
         """These sends will be handed over (`add`) once their batch commits: their receipts wait for the writer
@@ -81,12 +83,15 @@ class HistoryWriter:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="history-writer")
 
     async def _run(self) -> None:
-        while self._pending:
+        while self._pending and not self._closing:
             await asyncio.sleep(self._flush_s)
+            self._writing = True
             try:
                 await self.flush()
             except Exception:
                 log.exception("storing the chat history of sent messages failed; trying again")
+            finally:
+                self._writing = False
 
     async def flush(self) -> None:
         """Store what waits; what fails waits for the next flush (with what came meanwhile)."""
@@ -99,6 +104,9 @@ class HistoryWriter:
         else:
             try:
                 await self._write(batch)
+            except asyncio.CancelledError:
+                self._put_back(batch)  # not the data's fault: written whole next time
+                raise
             except BaseException:
                 self._put_back(batch)
                 self._one_by_one = True
@@ -163,9 +171,12 @@ class HistoryWriter:
             self._receipts.hold((send.device_id, send.sent.wa_id) for send in sends)
 
     async def close(self) -> None:
-        """Stop, storing what waits."""
+        """Stop, storing what waits. A write under way is let finish: cancelled, it would be written again (a
+        broadcast's backlog, at shutdown)."""
         if self._task is not None:
-            self._task.cancel()
+            self._closing = True
+            if not self._writing:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         try:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from wamd_server.domain.models import RECONNECTABLE, Device, DevicePatch, DeviceStatus
 from wamd_server.domain.ports import DeviceScope
 from wamd_server.infra.db.engine import driver_connection, is_postgres
-from wamd_server.infra.db.tables import device_grants, devices, outbox_failed, outbox_sent
+from wamd_server.infra.db.tables import chats, device_grants, devices, messages, outbox_failed, outbox_sent
 from wamd_server.infra.db.types import UtcDateTime
 
 DEVICE_FIELDS = frozenset(
@@ -183,10 +183,11 @@ class SqlDeviceRepository:
     async def delete(self, device_id: UUID) -> bool:
         async with self._engine.begin() as conn:
             result = await conn.execute(delete(devices).where(devices.c.id == device_id))
-            # The logs of its sends and failures have no foreign key (see `outbox_sent`). After the device's row:
-            # its cascade waited for any batch still writing the device's results, whose log rows this then sees.
-            for log in (outbox_sent, outbox_failed):
-                await conn.execute(delete(log).where(log.c.device_id == device_id))
+            # Its chat history and the logs of its sends and failures have no foreign key (see `tables.py`). After
+            # the device's row: its cascade waited for any batch still writing the device's results, whose rows
+            # these statements then see.
+            for owned in (messages, chats, outbox_sent, outbox_failed):
+                await conn.execute(delete(owned).where(owned.c.device_id == device_id))
         return bool(result.rowcount)
 
     async def to_reconnect(self) -> list[Device]:

@@ -107,11 +107,13 @@ transport_sessions = Table(
 )
 
 # `chats` and `messages` are keyed by what identifies a row (device and chat JID, device and message id), with no
-# surrogate id: one more key would be one more index entry at a random place for every message sent.
+# surrogate id: one more key would be one more index entry at a random place for every message sent. Nor do they
+# have a foreign key to `devices`: checking it was a third of the cost of writing a broadcast's history (migration
+# 0008); deleting a device deletes its history (`SqlDeviceRepository.delete`).
 chats = Table(
     "chats",
     metadata,
-    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", Uuid, primary_key=True),
     Column("jid", String(128), primary_key=True),
     Column("name", String(200)),
     Column("is_group", Boolean, nullable=False, server_default="0"),
@@ -125,7 +127,7 @@ chats = Table(
 messages = Table(
     "messages",
     metadata,
-    Column("device_id", Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", Uuid, primary_key=True),
     Column("chat_jid", String(128), nullable=False),
     Column("wa_message_id", String(128), primary_key=True),
     Column("from_me", Boolean, nullable=False),

@@ -652,6 +652,26 @@ class Progress:
     timeline: list[tuple[float, int]]
     remaining: int
     released_at: dt.datetime
+    history_at_done: int | None = None  # sends in the chat history when the outbox was done
+    history_done_s: float | None = None  # since the release, until every send was in the chat history
+
+
+async def wait_history(url: str, progress: Progress, expected: int, started: float, give_up_s: float) -> None:
+    """How far the chat history (written a moment after the sends, `services/history.py`) was when the clock
+    stopped, and when it had every send (polled every 0.5 s, the runtime still running), into `progress`."""
+    query = "SELECT count(*) FROM messages WHERE from_me"
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="wamd-bench") as conn:
+        while True:
+            row = await (await conn.execute(query)).fetchone()
+            assert row is not None
+            if progress.history_at_done is None:
+                progress.history_at_done = int(row[0])
+            if int(row[0]) >= expected:
+                progress.history_done_s = round(time.monotonic() - started, 2)
+                return
+            if time.monotonic() - started > give_up_s:
+                return
+            await asyncio.sleep(0.5)
 
 
 async def wait_sent(
@@ -788,6 +808,7 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
             await set_queues_paused(url, False)
             await runtime.bus.publish(BusEvent(OUTBOX_QUEUED, {}))
             progress = await wait_sent(url, campaign_id, released, args.timeout, lambda: None)
+        await wait_history(url, progress, args.messages, released, args.timeout)
         stats = network.stats()
         counts = network.inbox_counts()
     finally:
@@ -999,6 +1020,8 @@ async def wamd_figures(
         target=TARGET_MSGS_PER_S,
         met=rate >= TARGET_MSGS_PER_S and exact,
         elapsed_s=round(progress.seconds, 2),
+        history_at_done=progress.history_at_done,
+        history_done_s=progress.history_done_s,
         messages=args.messages,
         devices=args.devices,
         db_pool_size=args.db_pool_size,

@@ -21,7 +21,9 @@ from wamd_server.infra.db import migrate
 from wamd_server.infra.db.campaigns import SqlCampaignRepository
 from wamd_server.infra.db.devices import SqlDeviceRepository
 from wamd_server.infra.db.engine import create_engine, driver_connection
+from wamd_server.infra.db.leader import LeaderLock
 from wamd_server.infra.db.locked_batch import LockedBatches
+from wamd_server.infra.db.messages import HISTORY_FROM_OUTBOX_PG, PREVIEW_CHARS, STATUS_ORDER
 from wamd_server.infra.db.outbox import NewMessage, SqlOutboxRepository, execute_record_sent
 from wamd_server.infra.db.tables import outbox, outbox_due, outbox_failed, outbox_sent
 from wamd_server.infra.db.types import UtcDateTime
@@ -299,3 +301,52 @@ async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
                 assert count == 4
         finally:
             await engine.dispose()
+
+
+async def test_the_history_writer_looks_sends_up_by_key_whatever_the_statistics_say(fresh_pg_url: str) -> None:
+    """Statistics taken while a broadcast was queued say no outbox row is `sent`, and no index holds `status`: the
+    history statement must still look each send up by its key, not scan the outbox (once per send, it did)."""
+    engine = create_engine(fresh_pg_url)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add("Stats", None, None)
+        new = [NewMessage(device.id, f"6019902{n:04d}", "hi", SourceKind.MANUAL, f"s{n}", T0) for n in range(2000)]
+        await SqlOutboxRepository(engine).enqueue(new, T0)
+        async with driver_connection(engine) as pg:
+            await pg.execute("ANALYZE outbox")
+            await pg.execute("UPDATE outbox SET status = 'sent', sent_at = %s", (T0,))
+            ids = [r[0] for r in await (await pg.execute("SELECT id FROM outbox")).fetchall()]
+            params = {
+                "ids": ids,
+                "texts": [None] * len(ids),
+                "statuses": ["delivered"] * len(ids),
+                "order": list(STATUS_ORDER),
+                "at_server": "@s.whatsapp.net",
+                "preview_chars": PREVIEW_CHARS,
+                "now": T0,
+            }
+            explained = await (await pg.execute("EXPLAIN " + HISTORY_FROM_OUTBOX_PG, params)).fetchall()
+        plan = "\n".join(r[0] for r in explained)
+        assert "Seq Scan on outbox" not in plan
+        assert "Index Scan using pk_outbox on outbox" in plan
+    finally:
+        await engine.dispose()
+
+
+async def test_the_planner_leader_holds_its_lock_without_an_open_transaction(fresh_pg_url: str) -> None:
+    """The leader's connection keeps its advisory lock between checks, idle: a transaction left open on it would
+    keep vacuum (and the outbox's HOT pruning) from removing any old row version of the database."""
+    engine = create_engine(fresh_pg_url)
+    try:
+        leader = LeaderLock(engine)
+        assert await leader.is_leader()
+        assert await leader.is_leader()  # the check on the connection it holds
+        async with driver_connection(engine) as pg:
+            found = await pg.execute(
+                "SELECT state FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            states = [r[0] for r in await found.fetchall()]
+        assert states and "idle in transaction" not in states
+        await leader.release()
+    finally:
+        await engine.dispose()

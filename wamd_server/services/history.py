@@ -24,6 +24,7 @@ from wamd_server.services.receipts import KINDS, Taken
 log = logging.getLogger(__name__)
 
 CHUNK = 10_000  # messages per statement
+CLOSE_WAIT_S = 30.0  # how long closing waits for a write under way (then it is cancelled, written again)
 GIVE_UP_AFTER = 5  # failed writes of one device's sends, alone, before they are left to the lane's repair
 _RANK = {"sent": 0, **{kind.value: rank for rank, kind in enumerate(KINDS, 1)}}
 
@@ -175,8 +176,9 @@ class HistoryWriter:
         broadcast's backlog, at shutdown)."""
         if self._task is not None:
             self._closing = True
-            if not self._writing:
-                self._task.cancel()
+            if self._writing:
+                await asyncio.wait([self._task], timeout=CLOSE_WAIT_S)
+            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         try:

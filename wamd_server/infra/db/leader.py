@@ -27,6 +27,9 @@ class LeaderLock:
         try:
             if self._conn is not None:
                 await self._conn.execute(text("SELECT 1"))
+                # Not left idle in a transaction: that would hold back the cleanup of the whole database's old
+                # row versions (vacuum, and HOT pruning of the outbox) for as long as the process leads.
+                await self._conn.commit()
                 return True
             conn = await self._engine.connect()
             taken = (await conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": self._lock_id})).scalar()

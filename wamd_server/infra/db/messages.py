@@ -87,14 +87,21 @@ chat AS (
 # gone meanwhile (their device deleted), or not `sent` (never expected: they are handed over once committed so),
 # are skipped. The same order and rules as `SENT_HISTORY_CTES_PG`;
 # "C" collation orders message ids and chats as Python sorts them (`_key_order`), the order receipts lock rows in.
-_HISTORY_FROM_OUTBOX_PG = """
+# Each row is looked up by its key (`LATERAL … OFFSET 0` keeps the planner from joining otherwise): statistics
+# taken while a broadcast was queued say no row is `sent`, and the planner scanned the whole outbox once per id
+# given (minutes for one flush; no index holds `status` to correct it).
+HISTORY_FROM_OUTBOX_PG = """
 WITH sent AS (
     SELECT DISTINCT ON (o.device_id, o.wa_message_id COLLATE "C")
            o.device_id, o.recipient || %(at_server)s AS chat_jid, o.wa_message_id, coalesce(k.text, o.text) AS text,
            CASE WHEN o.media_id IS NULL THEN NULL ELSE 'image' END AS media_type,
            coalesce(o.server_ts, o.sent_at) AS sent_at, coalesce(k.status, 'sent') AS status
     FROM unnest(%(ids)b::uuid[], %(texts)b::text[], %(statuses)b::text[]) AS k(id, text, status)
-    JOIN outbox o ON o.id = k.id AND o.status = 'sent'
+    CROSS JOIN LATERAL (
+        SELECT device_id, recipient, wa_message_id, text, media_id, server_ts, sent_at FROM outbox
+        WHERE outbox.id = k.id AND outbox.status = 'sent'
+        OFFSET 0
+    ) AS o
     ORDER BY o.device_id, o.wa_message_id COLLATE "C",
              array_position(%(order)s::text[], coalesce(k.status, 'sent')) DESC
 ),
@@ -203,7 +210,7 @@ class SqlMessageRepository:
                 "now": datetime.now(UTC),
             }
             async with driver_connection(self._engine) as pg:
-                await pg.execute(_HISTORY_FROM_OUTBOX_PG, params)
+                await pg.execute(HISTORY_FROM_OUTBOX_PG, params)
             return
         async with self._engine.begin() as conn:
             rows: dict[UUID, Any] = {}

@@ -181,6 +181,7 @@ class HistoryWriter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            self._closing = False  # sends added from now on are written as before
         try:
             await self.flush()
         except Exception:

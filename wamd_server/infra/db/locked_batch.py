@@ -38,8 +38,7 @@ SELECT o.id, o.device_id, o.recipient, o.text, o.source_kind, o.source_key, o.wa
     o.scheduled_at, o.user_id, o.lead_id, o.media_id, o.source_id, o.attempts + 1, o.last_error, o.min_delay_s,
     o.max_delay_s, o.sent_at, o.seq
 FROM outbox_due d JOIN outbox o ON o.id = d.id
-WHERE d.device_id = %(device)s AND d.scheduled_at <= %(now)s AND o.status = %(queued)s
-      AND o.device_id = %(device)s
+WHERE d.device_id = %(device)s AND d.scheduled_at <= %(now)s AND o.status = %(queued)s AND o.device_id = %(device)s
   AND (d.source_id IS NULL OR d.source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))
 ORDER BY d.scheduled_at, d.seq
 LIMIT %(limit)s

@@ -309,17 +309,12 @@ class Lane:
         if d.repair_history:
             await self._restore_history(now)
         snapshot: Device | None = None  # the device as the last locked batch read it, when no wait came since
-        known: Device | None = None  # the device as last read, however long ago
         while True:
             # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
             # never sleeps through one that arrived while it was busy.
             self.wake.clear()
-            if snapshot is None and self._batch_reads_device(known, recovered):
-                # A locked batch reads the device again before it sends anything, and hands back what changed.
-                snapshot = known
             device = snapshot or await d.devices.get(self.device_id, EVERYTHING)
             snapshot = None
-            known = device
             if device is None or device.status is not DeviceStatus.ONLINE:
                 return
             if device.queue_paused_reason:
@@ -344,7 +339,6 @@ class Lane:
             if done.stop:
                 return
             self.errors = 0
-            known = done.device or known
             if done.more:
                 snapshot = done.device
                 continue
@@ -352,16 +346,6 @@ class Lane:
             # not at once with a claim that would come back empty.
             due = done.next_due if done.due_known else await d.outbox.next_due(self.device_id)
             await self._idle(self._idle_time(due))
-
-    def _batch_reads_device(self, known: Device | None, recovered: list[OutboxItem]) -> bool:
-        """Whether the lane may go by `known` after a wait: it was online, not paused and unpaced, so the next step
-        is a locked batch, which reads the device in its own transaction and goes no further if any of that
-        changed (`_locked_round`). Saves a read of the device per wake (thousands when a broadcast starts)."""
-        if known is None or recovered or self.d.locked is None:
-            return False
-        if known.status is not DeviceStatus.ONLINE or known.queue_paused_reason or known.typing:
-            return False
-        return PacingRules.for_device(known, self.d.tz).max_delay_s <= 0
 
     async def _claimed_round(
         self, device: Device, rules: PacingRules, limit: int, recovered: list[OutboxItem]

@@ -1,6 +1,7 @@
-"""The outbox's two companions (`outbox_due`: rows still to send; `outbox_sent`: each send by device and time) stay
-in step with the outbox through everything that queues or settles a row, on both backends; and on Postgres,
-settling a row is an update that touches no index (what the split is for)."""
+"""The outbox's companions (`outbox_due`: rows still to send; `outbox_sent`, `outbox_failed`: each send and failure
+by device and time) stay in step with the outbox through everything that queues or settles a row, on both backends;
+on Postgres, marking a row sent is an update that touches no index (what the split is for), and what keeps it so:
+the history writer looks rows up by key whatever the statistics say, and no connection idles in a transaction."""
 
 from __future__ import annotations
 
@@ -53,12 +54,8 @@ async def tables(engine: AsyncEngine) -> dict[str, Any]:
         failed = (await conn.execute(select(outbox_failed))).all()
     waiting = {OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value}
     return {
-        "expected_due": {
-            r["id"]: (r["device_id"], r["source_id"], r["scheduled_at"], r["seq"])
-            for r in rows
-            if r["status"] in waiting
-        },
-        "due": {d["id"]: (d["device_id"], d["source_id"], d["scheduled_at"], d["seq"]) for d in due},
+        "expected_due": {r["id"]: _due_key(r) for r in rows if r["status"] in waiting},
+        "due": {d["id"]: _due_key(d) for d in due},
         "expected_sent": {(r["device_id"], r["sent_at"], r["id"]) for r in rows if r["status"] == "sent"},
         "sent": {(s["device_id"], s["sent_at"], s["outbox_id"]) for s in sent},
         "status": {r["recipient"]: r["status"] for r in rows},

@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from alembic import command
 from sqlalchemy import Connection, Uuid, column, inspect, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.db.migration_steps import OLD_DEVICES, downgrade_to, upgrade_to
 from wamd_server.domain.models import OutboxStatus, SourceKind
 from wamd_server.domain.ports import Sent
 from wamd_server.infra.db import migrate
@@ -201,15 +201,7 @@ async def test_marking_a_batch_sent_adds_no_index_entry_on_postgres(fresh_pg_url
 
 # --- migration 0007 --------------------------------------------------------------------------------------------
 
-# The two tables as revision 0006 left them (the columns this test writes), typed for both backends.
-OLD_DEVICES = table_clause(
-    "devices",
-    column("id", Uuid),
-    column("name"),
-    column("status"),
-    column("created_at", UtcDateTime),
-    column("updated_at", UtcDateTime),
-)
+# `outbox` as revision 0006 left it (the columns this test writes), typed for both backends.
 OLD_OUTBOX = table_clause(
     "outbox",
     column("id", Uuid),
@@ -228,12 +220,6 @@ OLD_OUTBOX = table_clause(
 )
 
 
-def _migrate(conn: Connection, revision: str, down: bool = False) -> None:
-    cfg = migrate.alembic_config()
-    cfg.attributes["connection"] = conn
-    (command.downgrade if down else command.upgrade)(cfg, revision)
-
-
 def _indexes(conn: Connection) -> set[tuple[str, ...]]:
     """The outbox's own indexes (not those behind its unique constraints)."""
     return {tuple(i["column_names"]) for i in inspect(conn).get_indexes("outbox") if i["name"].startswith("ix_")}
@@ -247,7 +233,7 @@ async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
         engine = create_engine(url)
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(_migrate, "0006")
+                await conn.run_sync(upgrade_to, "0006")
                 device = uuid.uuid4()
                 await conn.execute(
                     OLD_DEVICES.insert(),
@@ -275,7 +261,7 @@ async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
                             "updated_at": T0,
                         },
                     )
-                await conn.run_sync(_migrate, "head")
+                await conn.run_sync(upgrade_to, "head")
                 due = (await conn.execute(text("SELECT id FROM outbox_due"))).scalars().all()
                 assert {uuid.UUID(str(d)) for d in due} == {ids["queued"], ids["sending"]}
                 logged = (await conn.execute(select(outbox_sent))).all()
@@ -285,7 +271,7 @@ async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
                 failures = (await conn.execute(select(outbox_failed))).all()
                 assert [tuple(r) for r in failures] == [(device, T0, ids["failed"])]
                 assert await conn.run_sync(_indexes) == {("device_id",), ("source_id",), ("recipient",)}
-                await conn.run_sync(_migrate, "0006", True)
+                await conn.run_sync(downgrade_to, "0006")
                 names = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
                 assert not {"outbox_due", "outbox_sent", "outbox_failed"} & names
                 assert await conn.run_sync(_indexes) == {

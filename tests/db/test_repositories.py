@@ -13,7 +13,6 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -22,6 +21,7 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.db.migration_steps import OLD_DEVICES, downgrade_to, upgrade_to
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.events import Receipt, ReceiptType
 from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
@@ -125,27 +125,7 @@ async def test_fresh_databases_get_the_same_schema_on_both_backends(fresh_pg_url
     assert postgres == sqlite
 
 
-def _upgrade_to(conn: Connection, revision: str) -> None:
-    cfg = migrate.alembic_config()
-    cfg.attributes["connection"] = conn
-    command.upgrade(cfg, revision)
-
-
-def _downgrade_to(conn: Connection, revision: str) -> None:
-    cfg = migrate.alembic_config()
-    cfg.attributes["connection"] = conn
-    command.downgrade(cfg, revision)
-
-
-# The three tables as revision 0005 left them (the columns these tests write), typed for both backends.
-OLD_DEVICES = table_clause(
-    "devices",
-    column("id", Uuid),
-    column("name"),
-    column("status"),
-    column("created_at", UtcDateTime),
-    column("updated_at", UtcDateTime),
-)
+# The tables as revision 0005 left them (the columns these tests write), typed for both backends.
 OLD_MESSAGES = table_clause(
     "messages",
     column("id", Uuid),
@@ -188,7 +168,7 @@ async def test_history_stored_before_the_natural_keys_migration_survives_it_both
         engine = create_engine(url)
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(_upgrade_to, "0005")
+                await conn.run_sync(upgrade_to, "0005")
                 device = uuid.uuid4()
                 await conn.execute(
                     OLD_DEVICES.insert(),
@@ -213,11 +193,11 @@ async def test_history_stored_before_the_natural_keys_migration_survives_it_both
                         {**common, "jid": jid, "is_group": False, "last_message_text": said, "unread_count": 0},
                     )
                 before = await conn.run_sync(_history_rows)
-                await conn.run_sync(_upgrade_to, "head")
+                await conn.run_sync(upgrade_to, "head")
                 assert await conn.run_sync(_history_rows) == before
                 keys = await conn.run_sync(lambda c: {t: _keys(c, t) for t in ("messages", "chats")})
                 assert keys == {"messages": (["device_id", "wa_message_id"], []), "chats": (["device_id", "jid"], [])}
-                await conn.run_sync(_downgrade_to, "0005")
+                await conn.run_sync(downgrade_to, "0005")
                 assert await conn.run_sync(_history_rows) == before and len(before) == 2
                 ids = await conn.execute(text("SELECT count(DISTINCT id) FROM messages"))
                 assert ids.scalar_one() == 2

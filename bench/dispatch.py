@@ -803,7 +803,7 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
         await set_queues_paused(url, True)
         campaign_id = await seed_campaign(url, device_ids, args)
         log(f"wamd (in-process): releasing {args.messages} rows to {len(device_ids)} devices")
-        with Load(args.pg, db_name(url), sample_s=args.sample_s) as load:
+        with Load(args.pg, db_name(url), sample_s=args.sample_s) as load, send_profile(args.profile):
             released = time.monotonic()
             await set_queues_paused(url, False)
             await runtime.bus.publish(BusEvent(OUTBOX_QUEUED, {}))
@@ -817,6 +817,25 @@ async def wamd_inprocess(dbs: Databases, args: argparse.Namespace, work: Path) -
         gc.unfreeze()
     extra = {"mode": "inprocess", "processes": 1, "gc_threshold": list(used_gc)}
     return await wamd_figures(url, args, campaign_id, progress, load, counts, stats, extra)
+
+
+@contextlib.contextmanager
+def send_profile(path: str | None) -> Any:
+    """cProfile over the sending only (`--profile`): call counts and own time per message, which sampling
+    profilers blur (they count a thread preempted at a system call as busy there)."""
+    if not path:
+        yield
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+        log(f"profile of the sending written to {path}")
 
 
 async def seed_campaign(url: str, device_ids: list[uuid.UUID], args: argparse.Namespace) -> uuid.UUID:
@@ -1120,6 +1139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pg", default=DEFAULT_PG, help="Postgres admin URL (env WAMD_BENCH_PG)")
     parser.add_argument("--redis", default=DEFAULT_REDIS, help="Redis URL for --mode remote (env WAMD_BENCH_REDIS)")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="--mode inprocess: cProfile the sending into FILE (pstats; slows it)"
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (kept anyway on failure)")
     parser.add_argument("--pgqueuer-child", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--pgqueuer-connections", type=int, default=1, help=argparse.SUPPRESS)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,7 +13,8 @@ from sqlalchemy import delete
 
 from tests.conftest import Server, ServerFactory, eventually, truncate_all
 from wamd_server.infra.db.tables import messages
-from wamd_server.services.clock import AcceleratedClock
+from wamd_server.services.clock import AcceleratedClock, SystemClock
+from wamd_server.services.queue import QueueControl
 
 FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
 
@@ -274,3 +277,52 @@ async def test_sends_missing_from_the_chat_history_are_added_when_the_device_sta
     assert message["from_me"] and message["text"] == f"Hi {leads[0]['name']}"
     network = server.runtime.sim_network
     assert network is not None and len(network.inbox(leads[0]["phone"].lstrip("+"))) == 1  # not sent again
+
+
+class PausedWhileBatchReads:
+    """Around the dispatcher's locked batches: the first one finds its device's queue paused (paused just before it
+    reads the device) and the queue is resumed, waking the lane, after the batch ended and before the lane looks
+    again: the moment a user's resume can fall into."""
+
+    def __init__(self, inner: Any, server: Server) -> None:
+        self.inner = inner
+        self.server = server
+        self.batches = 0
+
+    @contextlib.asynccontextmanager
+    async def batch(self, device_id: uuid.UUID, now: Any, limit: int) -> AsyncIterator[Any]:
+        self.batches += 1
+        first = self.batches == 1
+        repo = self.server.runtime.device_repo
+        assert repo is not None
+        if first:
+            await QueueControl(repo, SystemClock()).pause(device_id, "user", "by a test")
+        async with self.inner.batch(device_id, now, limit) as locked:
+            yield locked
+        if first:
+            await self.server.ok("POST", f"/api/queue/{device_id}/resume")
+
+
+async def test_a_resume_right_after_a_batch_found_the_queue_paused_is_not_lost(
+    make_server: ServerFactory, pg_url: str
+) -> None:
+    # The lane goes by what its locked batch read (paused) without reading the device again; the resume that came
+    # meanwhile must still wake it (else the messages wait for the lane's idle poll, a minute).
+    truncate_all(pg_url)
+    server = await make_server(pg_url)
+    [device] = await linked_devices(server, 1)
+    leads = await make_leads(server, 3, [device])
+    dispatcher = server.runtime.dispatcher
+    assert dispatcher is not None and dispatcher.locked is not None
+    assert dispatcher.settings.idle_poll_s >= 60
+    probe = dispatcher.locked = PausedWhileBatchReads(dispatcher.locked, server)
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Resumed", "message": "Hi {name}"})
+
+    async def done() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["done_send"] == 3
+
+    await eventually(done, timeout=15)
+    assert probe.batches >= 2  # the first batch sent nothing: it found the queue paused
+    for lead in leads:
+        assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1

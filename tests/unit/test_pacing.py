@@ -9,7 +9,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from wamd_server.domain.errors import InvalidInput
-from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at, parse_clock_time
+from wamd_server.services.pacing import (
+    PacingRules,
+    SendAllowance,
+    SendHistory,
+    next_send_at,
+    parse_clock_time,
+)
 
 KL = ZoneInfo("Asia/Kuala_Lumpur")
 
@@ -20,8 +26,8 @@ def rules(**overrides: object) -> PacingRules:
     return PacingRules(**values)  # type: ignore[arg-type]
 
 
-def local(day: int, hour: int, minute: int = 0) -> datetime:
-    return datetime(2026, 12, day, hour, minute, tzinfo=KL).astimezone(UTC)
+def local(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(2026, 12, day, hour, minute, second, tzinfo=KL).astimezone(UTC)
 
 
 def test_the_gap_follows_the_last_send() -> None:
@@ -89,3 +95,67 @@ def test_clock_times_are_validated() -> None:
     assert parse_clock_time("07:30", "quiet_start") == time(7, 30)
     with pytest.raises(InvalidInput):
         parse_clock_time("7h", "quiet_start")
+
+
+def sends_allowed(r: PacingRules, history: SendHistory, start: datetime, step: timedelta, most: int) -> int:
+    """Back-to-back sends (one every `step`) the allowance lets through from `start`, recording each."""
+    allowance = SendAllowance(r, history)
+    now, count = start, 0
+    while count < most and allowance.take(now):
+        history.add(now)
+        count += 1
+        now += step
+    return count
+
+
+def test_an_allowance_of_back_to_back_sends_stops_where_a_cap_would() -> None:
+    history = SendHistory([local(1, 10, m) for m in (0, 10, 20)])
+    # Hourly cap 5, three sends in the last hour: two more now; each one is what `next_send_at` allows too.
+    start = local(1, 10, 30)
+    assert sends_allowed(rules(min_delay_s=0, max_delay_s=0), history, start, timedelta(seconds=1), 10) == 2
+    assert next_send_at(rules(), history, start + timedelta(seconds=2), 0) > start + timedelta(minutes=29)
+    # Daily cap 8 with no hourly cap: what is left of the local day.
+    day = SendHistory([local(1, h) for h in range(9, 15)])
+    assert sends_allowed(rules(hourly_cap=0), day, local(1, 16), timedelta(seconds=1), 10) == 2
+
+
+def test_an_allowance_ends_when_quiet_hours_or_a_new_day_begin() -> None:
+    quiet = rules(hourly_cap=0, daily_cap=1000, quiet_start=time(22), quiet_end=time(8))
+    allowance = SendAllowance(quiet, SendHistory())
+    allowance.renew(local(1, 21, 59))
+    assert allowance.until == local(1, 22)
+    assert allowance.take(local(1, 21, 59, 59)) and not allowance.take(local(1, 22))
+    assert not allowance.take(local(2, 7, 59))  # inside quiet hours: nothing
+    assert allowance.take(local(2, 8))  # after them: worked out afresh
+    plain = SendAllowance(rules(hourly_cap=0, daily_cap=1000), SendHistory())
+    plain.renew(local(1, 23))
+    assert plain.until == local(2, 0)  # the next day counts afresh
+    # A warm-up cap is the day's: 25 on the first day of four.
+    ramp = SendAllowance(rules(hourly_cap=0, daily_cap=100, warmup_days=4, linked_at=local(1, 9)), SendHistory())
+    ramp.renew(local(1, 12))
+    assert ramp.left == 25
+
+
+def test_every_send_an_allowance_lets_through_is_one_next_send_at_allows_then() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        r = rules(
+            min_delay_s=0,
+            max_delay_s=0,
+            hourly_cap=rng.choice([0, 3, 10]),
+            daily_cap=rng.choice([5, 20]),
+            quiet_start=rng.choice([None, time(22), time(12)]),
+            quiet_end=rng.choice([None, time(8), time(14)]),
+            warmup_days=rng.choice([0, 3]),
+            linked_at=local(1, 9),
+        )
+        start = local(2, rng.randrange(24), rng.randrange(60))
+        history = SendHistory(start - timedelta(minutes=rng.randrange(1, 1500)) for _ in range(rng.randrange(25)))
+        allowance = SendAllowance(r, history)
+        now = start
+        for _ in range(40):
+            if not allowance.take(now):
+                break
+            assert next_send_at(r, history, now, 0) == now, (r, now)
+            history.add(now)
+            now += timedelta(seconds=rng.choice([1, 60, 900]))

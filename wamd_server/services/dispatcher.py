@@ -30,7 +30,7 @@ from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, Outb
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
 from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource, Results
 from wamd_server.services.deadlines import Deadlines
-from wamd_server.services.pacing import PacingRules, SendHistory, next_send_at
+from wamd_server.services.pacing import PacingRules, SendAllowance, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
 
 T = TypeVar("T")
@@ -309,12 +309,21 @@ class Lane:
         if d.repair_history:
             await self._restore_history(now)
         snapshot: Device | None = None  # the device as the last locked batch read it, when no wait came since
+        known: Device | None = None  # the device as last read, however long ago
         while True:
-            # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
-            # never sleeps through one that arrived while it was busy.
-            self.wake.clear()
-            device = snapshot or await d.devices.get(self.device_id, EVERYTHING)
+            if snapshot is None:
+                # A wake from here on (rows queued, queue resumed) is kept until the lane next waits, so the lane
+                # never sleeps through one that arrived while it was busy. Not cleared when going by a locked
+                # batch's reading: a wake that came after that reading (a resume) must not be lost.
+                self.wake.clear()
+                # A locked batch reads the device again before it sends anything and hands back what changed:
+                # no read of its own per wake (thousands when a broadcast starts).
+                device = known if self._batch_reads_device(known, recovered) else None
+                device = device or await d.devices.get(self.device_id, EVERYTHING)
+            else:
+                device = snapshot
             snapshot = None
+            known = device
             if device is None or device.status is not DeviceStatus.ONLINE:
                 return
             if device.queue_paused_reason:
@@ -339,6 +348,7 @@ class Lane:
             if done.stop:
                 return
             self.errors = 0
+            known = done.device or known
             if done.more:
                 snapshot = done.device
                 continue
@@ -346,6 +356,15 @@ class Lane:
             # not at once with a claim that would come back empty.
             due = done.next_due if done.due_known else await d.outbox.next_due(self.device_id)
             await self._idle(self._idle_time(due))
+
+    def _batch_reads_device(self, known: Device | None, recovered: list[OutboxItem]) -> bool:
+        """Whether the lane may go by `known`: it was online, not paused and unpaced, so the next step is a locked
+        batch, which reads the device in its own transaction and goes no further if any of that changed."""
+        if known is None or recovered or self.d.locked is None:
+            return False
+        if known.status is not DeviceStatus.ONLINE or known.queue_paused_reason or known.typing:
+            return False
+        return PacingRules.for_device(known, self.d.tz).max_delay_s <= 0
 
     async def _claimed_round(
         self, device: Device, rules: PacingRules, limit: int, recovered: list[OutboxItem]
@@ -431,6 +450,7 @@ class Lane:
         self.claimed = {item.id: item for item in batch}
         self.results = results
         sent: list[Sent] = []
+        allowance = SendAllowance(rules, self.history)  # sends without a gap: counted down, not worked out each
         try:
             opted_out = await d.opted_out.phones()
             for item in batch:
@@ -445,7 +465,12 @@ class Lane:
                 # The gap is the campaign's own min..max for its messages, else the device's; "typing…" is
                 # shown during the end of the gap, so typing never stretches it.
                 gap = rules.gap(d.rng, item.min_delay_s, item.max_delay_s)
-                wait = (next_send_at(rules, self.history, d.clock.now(), gap) - d.clock.now()).total_seconds()
+                now = d.clock.now()
+                if gap <= 0 and allowance.take(now):
+                    wait = 0.0
+                else:
+                    allowance.spend_all()
+                    wait = (next_send_at(rules, self.history, now, gap) - now).total_seconds()
                 if wait > max(gap, 0.0) + 1.0:
                     break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
                 typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
@@ -500,19 +525,18 @@ class Lane:
     async def _prepare(self, item: OutboxItem, opted_out: bool) -> OutboundMessage | None:
         """The message to send, or None when the row was settled instead (opted out, vetoed, image gone)."""
         d = self.d
-        now = d.clock.now()
         if opted_out:
-            await self.results.cancelled(item.id, "the recipient opted out", now)
+            await self.results.cancelled(item.id, "the recipient opted out", d.clock.now())
             return None
         reason = await d.veto(item)
         if reason:
-            await self.results.cancelled(item.id, f"vetoed by a plugin: {reason}", now)
+            await self.results.cancelled(item.id, f"vetoed by a plugin: {reason}", d.clock.now())
             return None
         message = OutboundMessage(wa_id=item.wa_message_id, to=item.recipient, text=item.text)
         if item.media_id is not None:
             media = await d.load_media(item.media_id)
             if media is None:
-                await self.results.failed(item.id, "the image of this message was deleted", now)
+                await self.results.failed(item.id, "the image of this message was deleted", d.clock.now())
                 return None
             message.image, message.image_mime = media
         return message

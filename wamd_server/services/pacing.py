@@ -90,6 +90,16 @@ class PacingRules:
             return None
         return datetime.combine(end_day, end, tzinfo=self.tz).astimezone(when.tzinfo)
 
+    def next_quiet_start(self, when: datetime) -> datetime | None:
+        """The next moment after `when` at which quiet hours begin, or None without quiet hours."""
+        if self.quiet_start is None or self.quiet_end is None or self.quiet_start == self.quiet_end:
+            return None
+        local = when.astimezone(self.tz)
+        start = datetime.combine(local.date(), self.quiet_start, tzinfo=self.tz)
+        if start <= local:
+            start = datetime.combine(local.date() + DAY, self.quiet_start, tzinfo=self.tz)
+        return start.astimezone(when.tzinfo)
+
     def next_local_midnight(self, when: datetime) -> datetime:
         return _local_day(self.tz, when)[1].astimezone(when.tzinfo)
 
@@ -135,6 +145,46 @@ class SendHistory:
     def nth_latest_before(self, end: datetime, n: int) -> datetime:
         """The n-th most recent send at or before `end` (n ≥ 1)."""
         return self.times[bisect.bisect_right(self.times, end) - n]
+
+
+class SendAllowance:
+    """Sends a device may make back to back without a cap or its quiet hours holding one back: a batch sent
+    without pauses counts them down instead of working out every send's time (`next_send_at`). Worked out again
+    when spent; sound meanwhile, since more sends only add to both counts and time only takes sends out of the
+    rolling hour, and it ends where the local day or the quiet hours begin."""
+
+    def __init__(self, rules: PacingRules, history: SendHistory) -> None:
+        self.rules = rules
+        self.history = history
+        self.left = 0
+        self.until = datetime.min.replace(tzinfo=UTC)
+
+    def take(self, now: datetime) -> bool:
+        """Whether a send may go at `now` without a wait; counts it if so. Every send the device makes must
+        go through here while the allowance is used (else `spend_all`)."""
+        if not (self.left > 0 and now < self.until):
+            self.renew(now)
+        if self.left > 0 and now < self.until:
+            self.left -= 1
+            return True
+        return False
+
+    def spend_all(self) -> None:
+        """A send went out by other rules (with a gap): work the allowance out afresh before the next."""
+        self.left = 0
+
+    def renew(self, now: datetime) -> None:
+        rules, history = self.rules, self.history
+        self.left, self.until = 0, now
+        if next_send_at(rules, history, now, 0.0) > now or (history.last is not None and history.last > now):
+            return
+        today = history.count_between(rules.local_midnight(now) - timedelta(microseconds=1), now)
+        left = rules.daily_cap_on(now) - today
+        if rules.hourly_cap > 0:
+            left = min(left, rules.hourly_cap - history.count_between(now - HOUR, now))
+        until = rules.next_local_midnight(now)
+        quiet = rules.next_quiet_start(now)
+        self.left, self.until = max(left, 0), until if quiet is None else min(until, quiet)
 
 
 def next_send_at(rules: PacingRules, history: SendHistory, now: datetime, gap_s: float) -> datetime:

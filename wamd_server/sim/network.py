@@ -54,9 +54,13 @@ log = logging.getLogger(__name__)
 _DISCONNECT_REASON = "connection_lost"
 
 
+def _is_phone(digits: str) -> bool:
+    return digits.isdigit() and 6 <= len(digits) <= 15 and digits[0] != "0"
+
+
 def _check_phone(phone: str) -> str:
     digits = normalize_phone(phone)
-    if not isinstance(digits, str) or not digits.isdigit() or not 6 <= len(digits) <= 15 or digits[0] == "0":
+    if not isinstance(digits, str) or not _is_phone(digits):
         raise SimInvalid(f"phone must be 6-15 digits with country code, no +: {phone!r}")
     return str(digits)
 
@@ -74,6 +78,7 @@ class SimNetwork:
         self._pairings = PairingRegistry(self.config)
         self._faults = GlobalFaults()
         self._phone_faults: dict[str, PhoneFaults] = {}
+        self._faulty = False  # any fault set at all: without, a send skips every fault lookup
         self._stats = SimStats()
         self._timers: set[asyncio.TimerHandle] = set()
         # `delivered` receipts waiting for their time, oldest first (see `_receipt_later`).
@@ -107,7 +112,7 @@ class SimNetwork:
             request = LINK_REQUEST.validate_python(frame)
         except ValidationError as exc:
             return _fail(req, "bad_request", describe(exc))
-        if not isinstance(request, DisconnectRequest):  # closing a socket needs no answer from the server
+        if self._faulty and not isinstance(request, DisconnectRequest):  # closing needs no answer from the server
             await self._hang_if_unresponsive(link, request.sid)
         try:
             result = await self._dispatch(link, request)
@@ -341,6 +346,15 @@ class SimNetwork:
         if limit is not None and len(recipient.inbox) > limit:
             del recipient.inbox[next(iter(recipient.inbox))]
         self._stats.messages_delivered += 1
+        sender_account = self._accounts.get(from_phone)
+        # WhatsApp shows a sent message on the sender's other linked devices too.
+        others = (
+            [d for d in sender_account.devices.values() if d is not from_device]
+            if sender_account is not None and from_phone != to_phone
+            else []
+        )
+        if not recipient.devices and not others:
+            return True  # a phone without linked devices (a lead): nothing to push
         base = {
             "ev": "message",
             "id": wa_id,
@@ -354,13 +368,9 @@ class SimNetwork:
         incoming = {**base, "chat": sender, "sender": sender, "from_me": False}
         for device in recipient.devices.values():
             self._deliver(device, incoming)
-        sender_account = self._accounts.get(from_phone)
-        if sender_account is not None and from_phone != to_phone:
-            # WhatsApp shows a sent message on the sender's other linked devices too.
-            own = {**base, "chat": user_jid(to_phone), "sender": sender, "from_me": True}
-            for device in sender_account.devices.values():
-                if device is not from_device:
-                    self._deliver(device, own)
+        own = {**base, "chat": user_jid(to_phone), "sender": sender, "from_me": True}
+        for device in others:
+            self._deliver(device, own)
         return True
 
     def _deliver(self, device: LinkedDevice, frame: Frame) -> None:
@@ -525,6 +535,7 @@ class SimNetwork:
         if unresponsive is False:
             self._answering.set()
             self._answering = asyncio.Event()
+        self._faulty = bool(self._phone_faults) or self._faults != GlobalFaults()
         if ban_seconds is not None:
             for account in accounts:
                 self._ban(account, ban_seconds)
@@ -546,6 +557,8 @@ class SimNetwork:
                 self._end_session(device.session)
 
     def _fault(self, phone: str, name: str) -> Any:
+        if not self._faulty:
+            return None
         override = self._phone_faults.get(phone)
         value = getattr(override, name) if override is not None else None
         return getattr(self._faults, name) if value is None else value
@@ -614,6 +627,7 @@ class SimNetwork:
         self._devices.clear()
         self._faults = GlobalFaults()
         self._phone_faults.clear()
+        self._faulty = False
         self._stats = SimStats()
 
 
@@ -624,6 +638,8 @@ def _recipient_phone(to: str) -> str:
     if server != USER_SERVER:
         raise SimInvalid(f"recipient must be a user JID (<phone>@{USER_SERVER}): {to!r}", code="bad_request")
     phone = user.split(":", 1)[0]
+    if _is_phone(phone):
+        return phone  # the common case: digits already, nothing to normalise
     try:
         return _check_phone(phone)
     except SimInvalid as exc:

@@ -288,6 +288,7 @@ class PausedWhileBatchReads:
         self.inner = inner
         self.server = server
         self.batches = 0
+        self.first_rows = 0  # what the first batch found due (and did not send: the queue was paused)
 
     @contextlib.asynccontextmanager
     async def batch(self, device_id: uuid.UUID, now: Any, limit: int) -> AsyncIterator[Any]:
@@ -298,6 +299,8 @@ class PausedWhileBatchReads:
         if first:
             await QueueControl(repo, SystemClock()).pause(device_id, "user", "by a test")
         async with self.inner.batch(device_id, now, limit) as locked:
+            if first:
+                self.first_rows = len(locked.items)
             yield locked
         if first:
             await self.server.ok("POST", f"/api/queue/{device_id}/resume")
@@ -323,6 +326,6 @@ async def test_a_resume_right_after_a_batch_found_the_queue_paused_is_not_lost(
         return report["done_send"] == 3
 
     await eventually(done, timeout=15)
-    assert probe.batches >= 2  # the first batch sent nothing: it found the queue paused
+    assert probe.first_rows == 3 and probe.batches >= 2  # the first found the messages, paused: sent nothing
     for lead in leads:
         assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1

@@ -4,10 +4,13 @@ within min..max, and nothing is sent during quiet hours."""
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
 from tests.conftest import ServerFactory, eventually
@@ -22,6 +25,17 @@ LEADS_PER_DEVICE = 30
 # Scheduling jitter: every real millisecond of event-loop or database delay is 0.8 s at this speed, so a gap may
 # run over max by that much (never under min: pacing only ever waits longer).
 TOLERANCE = timedelta(seconds=30)
+
+
+@pytest.fixture(autouse=True)
+def no_long_collector_pauses() -> Iterator[None]:
+    """Late in a test session a full collection of the garbage collector walks every object earlier tests left
+    (0.2 s and more): minutes of this test's timeline. As `wamd-server` does with its start-up objects
+    (`gc_tuning.freeze_startup_objects`), what exists before the test is kept out of the collector's walks."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 async def test_caps_gaps_and_quiet_hours_hold(make_server: ServerFactory, database_url: str) -> None:

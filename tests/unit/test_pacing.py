@@ -136,20 +136,32 @@ def test_an_allowance_ends_when_quiet_hours_or_a_new_day_begin() -> None:
     assert ramp.left == 25
 
 
-def test_every_send_an_allowance_lets_through_is_one_next_send_at_allows_then() -> None:
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("tz", "day"),
+    [
+        (KL, datetime(2026, 12, 2, tzinfo=KL)),
+        (NEW_YORK, datetime(2026, 3, 8, tzinfo=NEW_YORK)),  # clocks go forward at 02:00
+        (NEW_YORK, datetime(2026, 11, 1, tzinfo=NEW_YORK)),  # clocks go back at 02:00
+    ],
+)
+def test_every_send_an_allowance_lets_through_is_one_next_send_at_allows_then(tz: ZoneInfo, day: datetime) -> None:
     rng = random.Random(11)
     for _ in range(300):
         r = rules(
+            tz=tz,
             min_delay_s=0,
             max_delay_s=0,
             hourly_cap=rng.choice([0, 3, 10]),
             daily_cap=rng.choice([5, 20]),
-            quiet_start=rng.choice([None, time(22), time(12)]),
-            quiet_end=rng.choice([None, time(8), time(14)]),
+            quiet_start=rng.choice([None, time(22), time(12), time(2, 30), time(1, 30)]),
+            quiet_end=rng.choice([None, time(8), time(14), time(2, 15)]),
             warmup_days=rng.choice([0, 3]),
-            linked_at=local(1, 9),
+            linked_at=(day - timedelta(days=1)).astimezone(UTC),
         )
-        start = local(2, rng.randrange(24), rng.randrange(60))
+        start = (day + timedelta(minutes=rng.randrange(-120, 24 * 60))).astimezone(UTC)
         history = SendHistory(start - timedelta(minutes=rng.randrange(1, 1500)) for _ in range(rng.randrange(25)))
         allowance = SendAllowance(r, history)
         now = start
@@ -159,3 +171,26 @@ def test_every_send_an_allowance_lets_through_is_one_next_send_at_allows_then() 
             assert next_send_at(r, history, now, 0) == now, (r, now)
             history.add(now)
             now += timedelta(seconds=rng.choice([1, 60, 900]))
+
+
+def test_an_allowance_ends_when_the_clock_is_set_back() -> None:
+    # Five sends late on the 1st reach its daily cap; an allowance renewed early on the 2nd must not let a send
+    # through once the clock reads the 1st again.
+    r = rules(hourly_cap=0, daily_cap=5)
+    history = SendHistory([local(1, 23, m) for m in range(5)])
+    allowance = SendAllowance(r, history)
+    assert allowance.take(local(2, 0, 5))
+    assert not allowance.take(local(1, 23, 50))
+    assert next_send_at(r, history, local(1, 23, 50), 0) == local(2, 0)
+
+
+def test_quiet_hours_starting_in_a_skipped_hour_end_an_allowance_no_later_than_they_begin() -> None:
+    # New York skips 02:00-03:00 on 8 March 2026: quiet hours from 02:30 begin when the clocks jump (03:00 EDT).
+    ny = ZoneInfo("America/New_York")
+    r = rules(hourly_cap=0, daily_cap=1000, tz=ny, quiet_start=time(2, 30), quiet_end=time(6))
+    allowance = SendAllowance(r, SendHistory())
+    allowance.renew(datetime(2026, 3, 8, 1, 50, tzinfo=ny).astimezone(UTC))
+    jump = datetime(2026, 3, 8, 7, 0, tzinfo=UTC)
+    assert allowance.until <= jump
+    assert r.quiet_until(jump) is not None  # quiet from the jump on, as `next_send_at` sees it
+    assert not allowance.take(jump + timedelta(minutes=10))

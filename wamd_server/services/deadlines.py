@@ -1,7 +1,7 @@
 """One time limit shared by many awaits, kept by a single timer.
 
-`asyncio.timeout` arms a timer per await and cancels it after: for a broadcast that is two timer handles per
-message sent (the dispatcher's limit and the transport's), each pushed on the event loop's heap and left there,
+`asyncio.timeout` arms a timer per await and cancels it after: for a broadcast that was two timer handles per
+message sent (the dispatcher's limit and, then, the transport's), each pushed on the event loop's heap and left there,
 cancelled, until the loop sweeps it, which was about a tenth of the sending process's CPU. Here every await of one
 `Deadlines` has the same length, so their deadlines fall due in the order they began: a dict in insertion order
 holds them, and one timer, armed for the oldest, cancels the awaits that overran. An overrun ends in `TimeoutError`,

@@ -358,13 +358,17 @@ class Lane:
             await self._idle(self._idle_time(due))
 
     def _batch_reads_device(self, known: Device | None, recovered: list[OutboxItem]) -> bool:
-        """Whether the lane may go by `known`: it was online, not paused and unpaced, so the next step is a locked
-        batch, which reads the device in its own transaction and goes no further if any of that changed."""
+        """Whether the lane may go by `known`: it was online, not paused, unpaced and free to send now, so the
+        next step is a locked batch, which reads the device in its own transaction and goes no further if any of
+        that changed. (A lane that would wait for a cap or quiet hours reads the device first: its settings may
+        have changed since.)"""
         if known is None or recovered or self.d.locked is None:
             return False
         if known.status is not DeviceStatus.ONLINE or known.queue_paused_reason or known.typing:
             return False
-        return PacingRules.for_device(known, self.d.tz).max_delay_s <= 0
+        rules = PacingRules.for_device(known, self.d.tz)
+        now = self.d.clock.now()
+        return rules.max_delay_s <= 0 and next_send_at(rules, self.history, now, 0.0) <= now
 
     async def _claimed_round(
         self, device: Device, rules: PacingRules, limit: int, recovered: list[OutboxItem]

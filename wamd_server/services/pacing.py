@@ -13,7 +13,7 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from wamd_server.domain.errors import InvalidInput
@@ -91,20 +91,25 @@ class PacingRules:
         return datetime.combine(end_day, end, tzinfo=self.tz).astimezone(when.tzinfo)
 
     def next_quiet_start(self, when: datetime) -> datetime | None:
-        """The next moment after `when` at which quiet hours begin, or None without quiet hours."""
+        """When quiet hours next begin (never later than that; earlier, even before `when`, if the clocks jump
+        over their start), or None without quiet hours."""
         if self.quiet_start is None or self.quiet_end is None or self.quiet_start == self.quiet_end:
             return None
         local = when.astimezone(self.tz)
-        start = datetime.combine(local.date(), self.quiet_start, tzinfo=self.tz)
-        if start <= local:
-            start = datetime.combine(local.date() + DAY, self.quiet_start, tzinfo=self.tz)
-        return start.astimezone(when.tzinfo)
+        day = local.date() if local.time() < self.quiet_start else local.date() + DAY
+        return _first_instant(day, self.quiet_start, self.tz).astimezone(when.tzinfo)
 
     def next_local_midnight(self, when: datetime) -> datetime:
         return _local_day(self.tz, when)[1].astimezone(when.tzinfo)
 
     def local_midnight(self, when: datetime) -> datetime:
         return _local_day(self.tz, when)[0].astimezone(when.tzinfo)
+
+
+def _first_instant(day: date, at: time, tz: ZoneInfo) -> datetime:
+    """The earliest UTC instant the wall clock of `tz` reads `at` on `day`: of a time repeated when clocks go back,
+    the first; of one skipped when they go forward, the earlier of its two readings (before the jump)."""
+    return min(datetime.combine(day, at.replace(fold=fold), tzinfo=tz).astimezone(UTC) for fold in (0, 1))
 
 
 # The last local day asked for, per zone, as UTC instants [midnight, next midnight): pacing asks for the same day
@@ -151,20 +156,20 @@ class SendAllowance:
     """Sends a device may make back to back without a cap or its quiet hours holding one back: a batch sent
     without pauses counts them down instead of working out every send's time (`next_send_at`). Worked out again
     when spent; sound meanwhile, since more sends only add to both counts and time only takes sends out of the
-    rolling hour, and it ends where the local day or the quiet hours begin."""
+    rolling hour; it ends where the local day or the quiet hours begin, and when the clock is set back."""
 
     def __init__(self, rules: PacingRules, history: SendHistory) -> None:
         self.rules = rules
         self.history = history
         self.left = 0
-        self.until = datetime.min.replace(tzinfo=UTC)
+        self.since = self.until = datetime.min.replace(tzinfo=UTC)
 
     def take(self, now: datetime) -> bool:
         """Whether a send may go at `now` without a wait; counts it if so. Every send the device makes must
         go through here while the allowance is used (else `spend_all`)."""
-        if not (self.left > 0 and now < self.until):
+        if not (self.left > 0 and self.since <= now < self.until):
             self.renew(now)
-        if self.left > 0 and now < self.until:
+        if self.left > 0 and self.since <= now < self.until:
             self.left -= 1
             return True
         return False
@@ -175,7 +180,7 @@ class SendAllowance:
 
     def renew(self, now: datetime) -> None:
         rules, history = self.rules, self.history
-        self.left, self.until = 0, now
+        self.left, self.since, self.until = 0, now, now  # a clock set back ends it too
         if next_send_at(rules, history, now, 0.0) > now or (history.last is not None and history.last > now):
             return
         today = history.count_between(rules.local_midnight(now) - timedelta(microseconds=1), now)

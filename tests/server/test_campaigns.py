@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -329,3 +330,32 @@ async def test_a_resume_right_after_a_batch_found_the_queue_paused_is_not_lost(
     assert probe.first_rows == 3 and probe.batches >= 2  # the first found the messages, paused: sent nothing
     for lead in leads:
         assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
+
+
+async def test_a_lane_held_by_quiet_hours_sends_once_they_are_lifted_and_it_is_woken(
+    make_server: ServerFactory, pg_url: str
+) -> None:
+    # Quiet hours around the present hold an unpaced device's message; the user lifts them and wakes the lane (a
+    # queue resume): the lane must look at the device again instead of waiting by the quiet hours it knew.
+    truncate_all(pg_url)
+    server = await make_server(pg_url, WAMD_TIMEZONE="UTC")
+    [device] = await linked_devices(server, 1)
+    [lead] = await make_leads(server, 1, [device])
+    now = datetime.now(UTC)
+    quiet = {"quiet_start": f"{(now.hour - 1) % 24:02d}:00", "quiet_end": f"{(now.hour + 2) % 24:02d}:00"}
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json=quiet)
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Quiet", "message": "Hi {name}"})
+
+    async def queued() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return report["should_send"] == 1
+
+    await eventually(queued)
+    assert (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] == []  # held by the quiet hours
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"quiet_start": "", "quiet_end": ""})
+    await server.ok("POST", f"/api/queue/{device['id']}/resume")
+
+    async def delivered() -> bool:
+        return len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
+
+    await eventually(delivered, timeout=15)

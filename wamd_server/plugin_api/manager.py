@@ -43,6 +43,10 @@ class PluginHost:
     def names(self) -> list[str]:
         return sorted(name for name, _ in self.pm.list_name_plugin())
 
+    def implemented(self, hook: str) -> bool:
+        """Whether any plugin implements `hook` (a hook fired per message can skip the call when none does)."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
     async def call(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call every implementation of `hook`; returns the non-None results in pluggy's order."""
         results = []

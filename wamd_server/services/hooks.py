@@ -18,6 +18,8 @@ class HookCaller:
 
     async def before_send(self, item: OutboxItem) -> str | None:
         """The veto reason of the first plugin that vetoes `item` (False or a reason string), else None."""
+        if not self.host.implemented("wamd_before_send"):
+            return None
         for answer in await self.host.call("wamd_before_send", item=item):
             if answer is False:
                 return "vetoed"

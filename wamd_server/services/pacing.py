@@ -21,6 +21,7 @@ from wamd_server.domain.models import Device
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+_KEPT = 2 * DAY  # how far back a device's send history goes
 
 
 def parse_clock_time(value: str, field: str) -> time:
@@ -135,7 +136,7 @@ class SendHistory:
 
     def add(self, when: datetime) -> None:
         bisect.insort(self.times, when)
-        cutoff = when - 2 * DAY
+        cutoff = when - _KEPT
         if self.times and self.times[0] < cutoff:
             del self.times[: bisect.bisect_left(self.times, cutoff)]
 

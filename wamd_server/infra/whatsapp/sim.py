@@ -117,6 +117,7 @@ class SimTransport:
         self._sink: TransportEventSink | None = None
         self._link: ClientLink | None = None
         self._devices: dict[UUID, _Device] = {}
+        self._by_sid: dict[str, _Device] = {}  # the same devices by session id: how events name them
         self._relink_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -420,11 +421,14 @@ class SimTransport:
     async def _on_frame(self, frame: Frame) -> None:
         """Called in link order. Updates state at once, then hands the domain event to the sink: directly when
         nothing of the device is waiting (the pool's sink only queues it), else behind what waits."""
-        try:
-            device = self._device(_session_id(str(frame.get("sid"))))
-        except ValueError:
-            log.warning("simulator event for an unknown session id: %r", frame.get("sid"))
-            return
+        sid = frame.get("sid")
+        device = self._by_sid.get(sid) if isinstance(sid, str) else None
+        if device is None:
+            try:
+                device = self._device(_session_id(str(sid)))
+            except ValueError:
+                log.warning("simulator event for an unknown session id: %r", sid)
+                return
         try:
             pre, event = self._translate(device, frame)
         except (KeyError, TypeError, ValueError) as exc:
@@ -525,7 +529,7 @@ class SimTransport:
     def _device(self, device_id: UUID) -> _Device:
         device = self._devices.get(device_id)
         if device is None:
-            device = self._devices[device_id] = _Device(device_id)
+            device = self._devices[device_id] = self._by_sid[str(device_id)] = _Device(device_id)
         return device
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+
 from alembic import command
 from sqlalchemy import Connection, Uuid, column
 from sqlalchemy import table as table_clause
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.types import UtcDateTime
@@ -31,3 +35,13 @@ OLD_DEVICES = table_clause(
     column("created_at", UtcDateTime),
     column("updated_at", UtcDateTime),
 )
+
+
+async def device_under(conn: AsyncConnection, revision: str, at: datetime) -> uuid.UUID:
+    """Migrate to `revision` and store one online device as that revision's schema has it; its id."""
+    await conn.run_sync(upgrade_to, revision)
+    device = uuid.uuid4()
+    await conn.execute(
+        OLD_DEVICES.insert(), {"id": device, "name": "d", "status": "online", "created_at": at, "updated_at": at}
+    )
+    return device

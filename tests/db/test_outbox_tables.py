@@ -6,16 +6,14 @@ the history writer looks rows up by key whatever the statistics say, and no conn
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import Connection, Uuid, column, inspect, select, text
 from sqlalchemy import table as table_clause
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.db.migration_steps import OLD_DEVICES, downgrade_to, upgrade_to
+from tests.db.migration_steps import device_under, downgrade_to, upgrade_to
 from wamd_server.domain.models import OutboxStatus, SourceKind
 from wamd_server.domain.ports import Sent
 from wamd_server.infra.db import migrate
@@ -31,14 +29,6 @@ from wamd_server.infra.db.types import UtcDateTime
 
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
 PHONES = [f"6019900010{n}" for n in range(6)]
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await migrate.upgrade(engine)
-    yield engine
-    await engine.dispose()
 
 
 def _due_key(row: Any) -> tuple[Any, ...]:
@@ -233,12 +223,7 @@ async def test_rows_stored_before_the_split_are_due_and_sent_after_it_and_back(
         engine = create_engine(url)
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(upgrade_to, "0006")
-                device = uuid.uuid4()
-                await conn.execute(
-                    OLD_DEVICES.insert(),
-                    {"id": device, "name": "d", "status": "online", "created_at": T0, "updated_at": T0},
-                )
+                device = await device_under(conn, "0006", T0)
                 source = uuid.uuid4()
                 ids = {}
                 for n, status in enumerate(["queued", "sending", "sent", "failed"]):

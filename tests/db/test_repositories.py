@@ -6,7 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -21,7 +21,7 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.db.migration_steps import OLD_DEVICES, downgrade_to, upgrade_to
+from tests.db.migration_steps import device_under, downgrade_to, upgrade_to
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.events import Receipt, ReceiptType
 from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
@@ -44,14 +44,6 @@ EVERYTHING = DeviceScope.everything()
 CONTACT = "60199000020"
 CONTACT_JID = f"{CONTACT}@s.whatsapp.net"
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await migrate.upgrade(engine)
-    yield engine
-    await engine.dispose()
 
 
 # --- migrations ------------------------------------------------------------------------------------------------
@@ -168,12 +160,7 @@ async def test_history_stored_before_the_natural_keys_migration_survives_it_both
         engine = create_engine(url)
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(upgrade_to, "0005")
-                device = uuid.uuid4()
-                await conn.execute(
-                    OLD_DEVICES.insert(),
-                    {"id": device, "name": "d", "status": "online", "created_at": T0, "updated_at": T0},
-                )
+                device = await device_under(conn, "0005", T0)
                 for n in (1, 2):
                     jid, said = f"6019900000{n}@s.whatsapp.net", f"hello {n}"
                     common = {"id": uuid.uuid4(), "device_id": device, "created_at": T0}

@@ -1,6 +1,9 @@
-"""The Postgres engine's pool: a connection that sat idle is pinged before it is handed out, a busy one is not."""
+"""The engines: the Postgres pool pings a connection that sat idle before handing it out, not a busy one; a
+SQLite connection given up mid-statement releases its write lock at once."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -43,5 +46,27 @@ async def test_a_connection_used_a_moment_ago_is_handed_out_unpinged(fresh_pg_ur
         with pytest.raises(DBAPIError):
             await backend_pid(engine)
         assert await backend_pid(engine) != dropped
+    finally:
+        await engine.dispose()
+
+
+async def test_a_sqlite_connection_given_up_mid_statement_lets_other_writers_in_at_once(tmp_path: Path) -> None:
+    # A statement cut short (an UPDATE ... RETURNING whose rows were not all read when its task was cancelled) kept a
+    # dropped SQLite connection open, with its write lock, until the statement was garbage-collected: every other
+    # writer meanwhile failed with "database is locked" once the busy timeout had passed.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+            await conn.execute(text("INSERT INTO counters VALUES (1), (2), (3)"))
+        async with engine.connect() as conn:
+            rows = await conn.stream(text("UPDATE counters SET n = n + 10 RETURNING n"))
+            assert await rows.fetchone() is not None
+            await conn.invalidate()  # what SQLAlchemy does with a connection whose task was cancelled mid-statement
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO counters VALUES (4)"))
+        async with engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all()
+        assert stored == [1, 2, 3, 4]  # the update given up was rolled back
     finally:
         await engine.dispose()

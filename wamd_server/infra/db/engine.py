@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,12 +40,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _stop_sqlite_worker(dbapi_connection: Any) -> None:
-    """Drop an aiosqlite connection by stopping its worker thread (which closes it first). SQLAlchemy's own way,
-    for a connection given up while its task was cancelled, also starts a "graceful" close in a task of its own;
-    that task can end up waiting on the thread it has just stopped, and the event loop then never shuts down.
-    (`_terminate_force_close` and aiosqlite's `stop` need SQLAlchemy 2.1 and aiosqlite 0.22.1, which pyproject asks
-    for.)"""
+    """Drop an aiosqlite connection: roll back, then stop its worker thread (which closes it first).
+
+    SQLAlchemy's own way, for a connection given up while its task was cancelled, also starts a "graceful" close in
+    a task of its own; that task can end up waiting on the thread it has just stopped, and the event loop then never
+    shuts down. The rollback comes first because SQLite's close does not end a transaction while one of its
+    statements is still active (an UPDATE ... RETURNING whose rows were not all read when the cancel came): the
+    connection then stays open with its write lock until that statement is garbage-collected, and every other writer
+    fails with "database is locked" once its busy timeout has passed.
+    (`_terminate_force_close`, aiosqlite's `stop` and its worker queue `_tx` need SQLAlchemy 2.1 and aiosqlite
+    0.22.1, which pyproject asks for.)"""
+    worker = dbapi_connection._connection  # the aiosqlite connection; its calls run in order on its thread
+    worker._tx.put_nowait((None, functools.partial(_roll_back, worker)))
     dbapi_connection._terminate_force_close()
+
+
+def _roll_back(worker: Any) -> None:
+    """On the worker's thread: end the connection's transaction, if any (a failure here changes nothing: the
+    connection is closed next)."""
+    connection: sqlite3.Connection | None = worker._connection
+    if connection is not None and connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            connection.rollback()
 
 
 def _ping_if_idle(engine: AsyncEngine, after_s: float) -> tuple[Any, Any]:

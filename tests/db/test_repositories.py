@@ -619,6 +619,58 @@ async def test_a_locked_batch_cancelled_while_committing_still_commits_and_hands
         await engine.dispose()
 
 
+async def test_a_locked_batch_whose_results_the_database_refuses_leaves_its_rows_queued(fresh_pg_url: str) -> None:
+    """When writing the results fails, nothing of the batch is kept (its rows are queued again, with their message
+    ids), its sends are released, and the next batch of the device takes the same rows on a connection that works."""
+    engine = create_engine(fresh_pg_url, pool_size=1)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add("Refused", None, None)
+        rows = SqlOutboxRepository(engine)
+        new = [NewMessage(device.id, CONTACT, f"text {n}", SourceKind.MANUAL, f"refused-{n}", T0) for n in range(3)]
+        await rows.enqueue(new, T0)
+        async with engine.begin() as conn:  # the database refuses to mark rows sent (say, a full disk)
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_sent() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_sent BEFORE UPDATE ON outbox FOR EACH ROW "
+                    "WHEN (NEW.status = 'sent') EXECUTE FUNCTION refuse_sent()"
+                )
+            )
+        released: list[Sent] = []
+
+        class Writer:
+            def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
+            def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+                released.extend(sent)
+
+            def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+                raise AssertionError("handed over sends whose batch did not commit")
+
+        batches = LockedBatches(engine, max_open=1, history=Writer())
+        with pytest.raises(Exception, match="refused"):
+            async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as batch:
+                first_ids = {i.wa_message_id for i in batch.items}
+                await batch.sent([Sent(i.id, T0, T0, i.wa_message_id) for i in batch.items], [])
+        assert batch.next_due is None and not batch.committed
+        assert len(released) == 3
+        async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as again:
+            assert {i.wa_message_id for i in again.items} == first_ids and len(first_ids) == 3
+            await again.failed(again.items[0].id, "given up", T0)
+        assert again.committed and again.next_due == T0  # the two rows left are due as before
+        async with engine.connect() as conn:
+            statuses = (await conn.execute(select(outbox.c.status).where(outbox.c.device_id == device.id))).scalars()
+            assert sorted(statuses) == ["failed", "queued", "queued"]
+    finally:
+        await engine.dispose()
+
+
 # --- transport sessions ----------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import time
 import uuid
 
@@ -178,3 +179,46 @@ def test_worker_errors_keep_their_code_across_processes() -> None:
     assert isinstance(missing, errors.SessionMissing) and not missing.retryable
     odd = rebuild_error({"code": "something_new", "message": "?"})
     assert type(odd) is errors.DomainError and odd.code == "something_new"
+
+
+async def test_a_server_that_cannot_mark_its_devices_offline_still_closes_their_sessions(
+    make_server: ServerFactory, database_url: str, standalone_sim: StandaloneSim
+) -> None:
+    # A database error at the stop (here a trigger refuses the "server stopped" status) ended the stop there: the
+    # WhatsApp sessions stayed open and nothing after it was shut down.
+    server = await make_server(database_url, sim_url=standalone_sim.url)
+    await pair(server, "Phone", PHONE)
+    assert len((await server.sim("GET", "/stats"))["online"]) == 1
+    refuse_stop(database_url, True)
+    try:
+        await server.runtime.stop()
+        assert (await server.sim("GET", "/stats"))["online"] == []
+        assert server.runtime.engine is None  # the rest of the stop ran too
+    finally:
+        refuse_stop(database_url, False)
+
+
+def refuse_stop(database_url: str, refuse: bool) -> None:
+    """Make the database refuse (or accept again) marking devices offline because the server stops."""
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.split("///", 1)[1]) as conn:
+            if refuse:
+                conn.execute(
+                    "CREATE TRIGGER refuse_stop BEFORE UPDATE ON devices WHEN NEW.status_reason = 'server stopped' "
+                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            else:
+                conn.execute("DROP TRIGGER refuse_stop")
+        return
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
+        if refuse:
+            conn.execute(
+                "CREATE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+            )
+            conn.execute(
+                "CREATE TRIGGER refuse_stop BEFORE UPDATE ON devices FOR EACH ROW "
+                "WHEN (NEW.status_reason = 'server stopped') EXECUTE FUNCTION refuse_stop()"
+            )
+        else:
+            conn.execute("DROP FUNCTION refuse_stop() CASCADE")

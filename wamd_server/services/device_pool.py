@@ -150,14 +150,23 @@ class DevicePool:
         self._online.clear()
         # One statement, while this worker still holds the leases: a device another worker takes over later is
         # never set back to offline by us.
-        stopped = await self._devices.set_status_where(
-            wanted, (DeviceStatus.ONLINE, DeviceStatus.CONNECTING), DeviceStatus.OFFLINE, "server stopped"
-        )
+        try:
+            stopped = await self._devices.set_status_where(
+                wanted, (DeviceStatus.ONLINE, DeviceStatus.CONNECTING), DeviceStatus.OFFLINE, "server stopped"
+            )
+        except Exception:
+            # The database may be why we stop: the sessions are closed all the same (their leases run out, and
+            # whoever runs the devices next sets their state).
+            log.exception("could not mark this worker's devices offline")
+            stopped = []
         for device in stopped:
             self._notify(device.id, DeviceStatus.OFFLINE)
             await self._publish(device_events.status_event(device, self._clock.now()))
         await self.transport.close()
-        await self.receipts.flush()
+        try:
+            await self.receipts.flush()
+        except Exception:
+            log.exception("receipts not stored at stop")
         await self.receipts.close()
 
     def adopt(self, device_id: UUID) -> None:

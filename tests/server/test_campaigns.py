@@ -162,9 +162,10 @@ async def test_messages_of_leads_without_owner_move_off_a_device_that_cannot_sen
         await server.sim("POST", "/faults", {"phone": slow["phone"], "ban_seconds": 86_400})
     else:  # online all along: the five minutes count from the pause
         await server.ok("POST", f"/api/queue/{slow['id']}/pause")
-    # Usually one; two when the machine was slow enough for the hour (twelve seconds) to pass before the trouble.
+    # Usually one; two when the machine was slow enough for the hour (twelve seconds) to pass before the trouble
+    # (and one more if a send was under way when it began).
     report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
-    sent_by_slow = {d["device_id"]: d["done_send"] for d in report["devices"]}[slow["id"]]
+    sent_before = {d["device_id"]: d["done_send"] for d in report["devices"]}[slow["id"]]
 
     async def finished() -> bool:
         report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
@@ -175,8 +176,9 @@ async def test_messages_of_leads_without_owner_move_off_a_device_that_cannot_sen
     assert (report["should_send"], report["done_send"]) == (10, 10)
     by_device = {d["device_id"]: d["done_send"] for d in report["devices"]}
     # Five each planned; what the slow device had not sent when the trouble began moved to the fast one.
-    assert (by_device[fast["id"]], by_device[slow["id"]]) == (10 - sent_by_slow, sent_by_slow)
-    assert 1 <= sent_by_slow < 5
+    sent_by_slow = by_device[slow["id"]]
+    assert by_device[fast["id"]] == 10 - sent_by_slow
+    assert 1 <= sent_before <= sent_by_slow <= sent_before + 1 < 5
     network = server.runtime.sim_network
     assert network is not None
     assert all(len(network.inbox(f"6019{n:07d}")) == 1 for n in range(10))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sqlite3
 import time
@@ -189,11 +190,13 @@ async def test_a_server_that_cannot_mark_its_devices_offline_still_closes_their_
     server = await make_server(database_url, sim_url=standalone_sim.url)
     await pair(server, "Phone", PHONE)
     assert len((await server.sim("GET", "/stats"))["online"]) == 1
-    refuse_stop(database_url, True)
     try:
+        # In a thread: the server goes on using the database meanwhile (its heartbeat may hold the write lock).
+        await asyncio.to_thread(refuse_stop, database_url, True)
         await server.runtime.stop()
         assert (await server.sim("GET", "/stats"))["online"] == []
         assert server.runtime.engine is None  # the rest of the stop ran too
+        assert stored_statuses(database_url) == ["online"]  # the refusal did happen
     finally:
         refuse_stop(database_url, False)
 
@@ -201,19 +204,19 @@ async def test_a_server_that_cannot_mark_its_devices_offline_still_closes_their_
 def refuse_stop(database_url: str, refuse: bool) -> None:
     """Make the database refuse (or accept again) marking devices offline because the server stops."""
     if database_url.startswith("sqlite"):
-        with sqlite3.connect(database_url.split("///", 1)[1]) as conn:
+        with contextlib.closing(sqlite3.connect(database_url.split("///", 1)[1], timeout=30)) as conn, conn:
             if refuse:
                 conn.execute(
                     "CREATE TRIGGER refuse_stop BEFORE UPDATE ON devices WHEN NEW.status_reason = 'server stopped' "
                     "BEGIN SELECT RAISE(ABORT, 'refused'); END"
                 )
             else:
-                conn.execute("DROP TRIGGER refuse_stop")
+                conn.execute("DROP TRIGGER IF EXISTS refuse_stop")
         return
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
+    with psycopg.connect(pg_dsn(database_url), autocommit=True) as conn:
         if refuse:
             conn.execute(
-                "CREATE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS "
+                "CREATE OR REPLACE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS "
                 "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
             )
             conn.execute(
@@ -221,4 +224,16 @@ def refuse_stop(database_url: str, refuse: bool) -> None:
                 "WHEN (NEW.status_reason = 'server stopped') EXECUTE FUNCTION refuse_stop()"
             )
         else:
-            conn.execute("DROP FUNCTION refuse_stop() CASCADE")
+            conn.execute("DROP FUNCTION IF EXISTS refuse_stop() CASCADE")
+
+
+def stored_statuses(database_url: str) -> list[str]:
+    if database_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(database_url.split("///", 1)[1])) as conn:
+            return [row[0] for row in conn.execute("SELECT status FROM devices")]
+    with psycopg.connect(pg_dsn(database_url)) as conn:
+        return [row[0] for row in conn.execute("SELECT status FROM devices")]
+
+
+def pg_dsn(database_url: str) -> str:
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -51,16 +51,18 @@ def _stop_sqlite_worker(dbapi_connection: Any) -> None:
     (`_terminate_force_close`, aiosqlite's `stop` and its worker queue `_tx` need SQLAlchemy 2.1 and aiosqlite
     0.22.1, which pyproject asks for.)"""
     worker = dbapi_connection._connection  # the aiosqlite connection; its calls run in order on its thread
-    worker._tx.put_nowait((None, functools.partial(_roll_back, worker)))
-    dbapi_connection._terminate_force_close()
+    try:
+        worker._tx.put_nowait((None, functools.partial(_roll_back, worker)))
+    finally:  # stopped even if a later aiosqlite renamed what this uses (tests/db/test_engine.py would then fail)
+        dbapi_connection._terminate_force_close()
 
 
 def _roll_back(worker: Any) -> None:
     """On the worker's thread: end the connection's transaction, if any (a failure here changes nothing: the
     connection is closed next)."""
     connection: sqlite3.Connection | None = worker._connection
-    if connection is not None and connection.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
+    with contextlib.suppress(sqlite3.Error):  # also raised by a connection closed meanwhile
+        if connection is not None and connection.in_transaction:
             connection.rollback()
 
 

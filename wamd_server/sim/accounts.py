@@ -9,7 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from wamd_server.domain.ids import USER_SERVER
 
@@ -23,9 +23,9 @@ def device_jid(phone: str, n: int) -> str:
     return f"{phone}:{n}@{USER_SERVER}"
 
 
-@dataclass(slots=True)
-class InboxItem:
-    """One message a phone received, keyed by its id as a phone keys messages."""
+class InboxItem(NamedTuple):
+    """One message a phone received, keyed by its id as a phone keys messages. A tuple of plain values: the garbage
+    collector stops tracking it after one look (a benchmark keeps hundreds of thousands)."""
 
     wa_id: str
     from_phone: str
@@ -65,7 +65,6 @@ class Account:
     phone: str
     devices: dict[int, LinkedDevice] = field(default_factory=dict)
     next_n: int = 1  # device numbers are never reused, so stale credentials never match a newer device
-    inbox: dict[str, InboxItem] | None = None
     banned_until: float = 0.0  # time.monotonic() deadline; 0 = not banned
     ban_code: str = "send_to_too_many_people"
 

@@ -72,7 +72,10 @@ def _now() -> datetime:
 class SimNetwork:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._accounts: dict[str, Account] = {}
+        self._accounts: dict[str, Account] = {}  # phones that linked a device (or were banned)
+        # What each phone received, apart from the accounts: a lead's phone only receives, and keeping no account
+        # for it leaves nothing of it for the garbage collector to walk (see `InboxItem`).
+        self._inboxes: dict[str, dict[str, InboxItem]] = {}
         self._devices: dict[str, LinkedDevice] = {}  # by JID
         self._links: set[Link] = set()
         self._pairings = PairingRegistry(self.config)
@@ -335,17 +338,18 @@ class SimNetwork:
 
         Returns False (and counts a redelivery) when the recipient already has a message with this id.
         """
-        recipient = self._account(to_phone)
-        if recipient.inbox is None:
-            recipient.inbox = {}
-        if wa_id in recipient.inbox:
+        inbox = self._inboxes.get(to_phone)
+        if inbox is None:
+            inbox = self._inboxes[to_phone] = {}
+        if wa_id in inbox:
             self._stats.redeliveries += 1
             return False
-        recipient.inbox[wa_id] = InboxItem(wa_id, from_phone, text, has_media, at)
+        inbox[wa_id] = InboxItem(wa_id, from_phone, text, has_media, at)
         limit = self.config.inbox_max
-        if limit is not None and len(recipient.inbox) > limit:
-            del recipient.inbox[next(iter(recipient.inbox))]
+        if limit is not None and len(inbox) > limit:
+            del inbox[next(iter(inbox))]
         self._stats.messages_delivered += 1
+        recipient = self._accounts.get(to_phone)
         sender_account = self._accounts.get(from_phone)
         # WhatsApp shows a sent message on the sender's other linked devices too.
         others = (
@@ -353,7 +357,7 @@ class SimNetwork:
             if sender_account is not None and from_phone != to_phone
             else []
         )
-        if not recipient.devices and not others:
+        if (recipient is None or not recipient.devices) and not others:
             return True  # a phone without linked devices (a lead): nothing to push
         base = {
             "ev": "message",
@@ -366,7 +370,7 @@ class SimNetwork:
         }
         sender = user_jid(from_phone)
         incoming = {**base, "chat": sender, "sender": sender, "from_me": False}
-        for device in recipient.devices.values():
+        for device in recipient.devices.values() if recipient is not None else ():
             self._deliver(device, incoming)
         own = {**base, "chat": user_jid(to_phone), "sender": sender, "from_me": True}
         for device in others:
@@ -452,13 +456,13 @@ class SimNetwork:
     async def read(self, phone: str, from_phone: str) -> int:
         """`phone` reads what `from_phone` sent it; the sender's devices get a `read` receipt."""
         phone, from_phone = _check_phone(phone), _check_phone(from_phone)
-        account = self._accounts.get(phone)
-        if account is None or not account.inbox:
+        inbox = self._inboxes.get(phone)
+        if not inbox:
             return 0
         ids = []
-        for item in account.inbox.values():
+        for key, item in inbox.items():
             if item.from_phone == from_phone and not item.read:
-                item.read = True
+                inbox[key] = item._replace(read=True)  # an existing key: the dict does not change size
                 ids.append(item.wa_id)
         if ids:
             self._receipt(from_phone, user_jid(phone), ids, "read")
@@ -466,14 +470,12 @@ class SimNetwork:
 
     def inbox(self, phone: str) -> list[dict[str, Any]]:
         """What `phone` received, oldest first, each message once."""
-        account = self._accounts.get(_check_phone(phone))
-        if account is None or not account.inbox:
-            return []
-        return [item.public() for item in account.inbox.values()]
+        inbox = self._inboxes.get(_check_phone(phone))
+        return [item.public() for item in inbox.values()] if inbox else []
 
     def inbox_counts(self) -> dict[str, int]:
         """Per phone, how many distinct messages it received (a message re-sent with its id counts once)."""
-        return {phone: len(account.inbox) for phone, account in self._accounts.items() if account.inbox}
+        return {phone: len(inbox) for phone, inbox in self._inboxes.items() if inbox}
 
     # --- phone-side actions and faults ----------------------------------------------------------------
 
@@ -624,6 +626,7 @@ class SimNetwork:
         self._cancel_receipts()
         self._pairings.clear()
         self._accounts.clear()
+        self._inboxes.clear()
         self._devices.clear()
         self._faults = GlobalFaults()
         self._phone_faults.clear()

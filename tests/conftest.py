@@ -67,8 +67,13 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy Postgres URL as psycopg (libpq) takes it directly."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 def truncate_all(pg_url: str) -> None:
-    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_url(pg_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         tables = [
             r[0]

@@ -13,7 +13,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN_EMAIL
+from tests.conftest import ADMIN_EMAIL, libpq_url
 from tests.e2e.processes import Process, start_stack, wamd_server
 from tests.e2e.test_device_acceptance import Client
 
@@ -47,7 +47,7 @@ async def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> AsyncIterator[
 
 
 async def wait_for_workers(pg_url: str, count: int) -> None:
-    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_url(pg_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with psycopg.connect(dsn) as conn:
@@ -68,7 +68,7 @@ async def import_leads(client: Client, csv: str) -> None:
 
 
 def owners(pg_url: str) -> dict[str, str]:
-    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_url(pg_url)
     with psycopg.connect(dsn) as conn:
         return {str(d): w for d, w in conn.execute("SELECT device_id, worker_id FROM device_leases")}
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import psycopg
 
+from tests.conftest import libpq_url
 from tests.e2e.processes import start_stack, wamd_server
 
 
 def live_worker_pids(pg_url: str) -> set[int]:
-    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_url(pg_url)
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT pid FROM workers WHERE heartbeat_at > now() - interval '5 s'").fetchall()
     return {int(r[0]) for r in rows}

@@ -11,7 +11,7 @@ import uuid
 
 import psycopg
 
-from tests.conftest import Server, ServerFactory, StandaloneSim, eventually, truncate_all
+from tests.conftest import Server, ServerFactory, StandaloneSim, eventually, libpq_url, truncate_all
 from wamd_server.domain import errors
 from wamd_server.infra.bus.rpc import rebuild_error
 from wamd_server.services.watchdog import WatchdogSettings
@@ -152,7 +152,7 @@ async def test_a_worker_that_cannot_renew_its_leases_stops_its_sessions(
     jid = f"{PHONE}:1@s.whatsapp.net"
     assert jid in standalone_sim.network.stats()["online"]
     name = pg_url.rsplit("/", 1)[1]
-    admin = pg_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    admin = libpq_url(pg_url).rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
@@ -213,7 +213,7 @@ def refuse_stop(database_url: str, refuse: bool) -> None:
             else:
                 conn.execute("DROP TRIGGER IF EXISTS refuse_stop")
         return
-    with psycopg.connect(pg_dsn(database_url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         if refuse:
             conn.execute(
                 "CREATE OR REPLACE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS "
@@ -231,9 +231,5 @@ def stored_statuses(database_url: str) -> list[str]:
     if database_url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(database_url.split("///", 1)[1])) as conn:
             return [row[0] for row in conn.execute("SELECT status FROM devices")]
-    with psycopg.connect(pg_dsn(database_url)) as conn:
+    with psycopg.connect(libpq_url(database_url)) as conn:
         return [row[0] for row in conn.execute("SELECT status FROM devices")]
-
-
-def pg_dsn(database_url: str) -> str:
-    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -72,7 +72,7 @@ def _now() -> datetime:
 class SimNetwork:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._accounts: dict[str, Account] = {}  # phones that linked a device (or were banned)
+        self._accounts: dict[str, Account] = {}  # phones that linked a device or were given a fault
         # What each phone received, apart from the accounts: a lead's phone only receives, and keeping no account
         # for it leaves nothing of it for the garbage collector to walk (see `InboxItem`).
         self._inboxes: dict[str, dict[str, InboxItem]] = {}

@@ -3,6 +3,7 @@ SQLite connection given up mid-statement releases its write lock at once."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import psycopg
@@ -68,5 +69,27 @@ async def test_a_sqlite_connection_given_up_mid_statement_lets_other_writers_in_
         async with engine.connect() as conn:
             stored = (await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all()
         assert stored == [1, 2, 3, 4]  # the update given up was rolled back
+    finally:
+        await engine.dispose()
+
+
+async def test_sqlite_writers_take_turns_instead_of_failing_on_the_busy_timeout(tmp_path: Path) -> None:
+    # Twenty transactions, each writing and holding its write for 50 ms, together far longer than SQLite's busy
+    # timeout (0.2 s here): SQLite's own waiting let some fail with "database is locked"; in turns, all get through.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}", sqlite_busy_timeout_ms=200)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+
+        async def write(n: int) -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT count(*) FROM counters"))  # a read first takes no turn
+                await conn.execute(text("INSERT INTO counters VALUES (:n)"), {"n": n})
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(write(n) for n in range(20)))
+        async with engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all()
+        assert stored == list(range(20))
     finally:
         await engine.dispose()

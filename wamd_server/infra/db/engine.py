@@ -17,6 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from wamd_server.infra.db.sqlite_writer import OneWriter
+
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 # A pooled Postgres connection unused for this long is pinged before it is handed out (see `_ping_if_idle`).
 PING_AFTER_IDLE_S = 10.0
@@ -29,14 +31,17 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers work during a write; foreign keys are off by default in SQLite.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+    def set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets readers work during a write; foreign keys are off by default in SQLite.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return set_pragmas
 
 
 def _stop_sqlite_worker(dbapi_connection: Any) -> None:
@@ -88,13 +93,20 @@ def _ping_if_idle(engine: AsyncEngine, after_s: float) -> tuple[Any, Any]:
     return checkout, checkin
 
 
-def create_engine(url: str, *, pool_size: int = 10, ping_after_idle_s: float = PING_AFTER_IDLE_S) -> AsyncEngine:
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    ping_after_idle_s: float = PING_AFTER_IDLE_S,
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+) -> AsyncEngine:
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        engine = create_async_engine(url, connect_args={"timeout": sqlite_busy_timeout_ms / 1000})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
         engine.dialect.do_terminate = _stop_sqlite_worker  # type: ignore[method-assign]
+        OneWriter().install(engine)  # after do_terminate is set: it wraps it
         return engine
     # Each process keeps at most twice pool_size connections: size Postgres' max_connections for every process.
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)

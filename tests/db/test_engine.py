@@ -93,3 +93,32 @@ async def test_sqlite_writers_take_turns_instead_of_failing_on_the_busy_timeout(
         assert stored == list(range(20))
     finally:
         await engine.dispose()
+
+
+async def test_a_sqlite_writer_that_gets_no_turn_fails_and_the_turn_comes_back_when_the_writer_ends(
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}", sqlite_turn_wait_s=0.2)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+
+        async def write(n: int) -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO counters VALUES (:n)"), {"n": n})
+
+        for end in ("rollback", "invalidate"):
+            async with engine.connect() as first:
+                await first.execute(text("INSERT INTO counters VALUES (0)"))  # holds the turn, uncommitted
+                with pytest.raises(DBAPIError, match=r"no turn to write within 0\.2 s"):
+                    await write(1)
+                if end == "rollback":
+                    await first.rollback()
+                else:
+                    await first.invalidate()  # a connection given up (its task cancelled)
+                await write(2)  # at once: the turn came back
+        async with engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT n FROM counters"))).scalars().all()
+        assert stored == [2, 2]
+    finally:
+        await engine.dispose()

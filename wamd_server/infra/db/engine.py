@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from wamd_server.infra.db.sqlite_writer import OneWriter
+from wamd_server.infra.db.sqlite_writer import WAIT_FOR_TURN_S, OneWriter
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 # A pooled Postgres connection unused for this long is pinged before it is handed out (see `_ping_if_idle`).
@@ -99,6 +99,7 @@ def create_engine(
     pool_size: int = 10,
     ping_after_idle_s: float = PING_AFTER_IDLE_S,
     sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+    sqlite_turn_wait_s: float = WAIT_FOR_TURN_S,
 ) -> AsyncEngine:
     path = sqlite_path(url)
     if path is not None:
@@ -106,7 +107,7 @@ def create_engine(
         engine = create_async_engine(url, connect_args={"timeout": sqlite_busy_timeout_ms / 1000})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(sqlite_busy_timeout_ms))
         engine.dialect.do_terminate = _stop_sqlite_worker  # type: ignore[method-assign]
-        OneWriter().install(engine)  # after do_terminate is set: it wraps it
+        OneWriter(sqlite_turn_wait_s).install(engine)  # after do_terminate is set: it wraps it
         return engine
     # Each process keeps at most twice pool_size connections: size Postgres' max_connections for every process.
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)

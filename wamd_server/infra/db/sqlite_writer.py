@@ -5,11 +5,15 @@ That wait is not fair: under load a writer can lose the race again and again unt
 "database is locked", while later ones get through. In this process the writers queue on an asyncio lock
 instead, taken by a transaction at its first writing statement and given back when it commits or rolls back (or
 its connection is dropped). SQLite's busy timeout still covers writers of other processes (the CLI).
+
+Not covered (wamd does neither): a connection in AUTOCOMMIT keeps the turn until SQLAlchemy ends its
+transaction, and a `detach()`ed connection collected without being closed never gives it back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from typing import Any
@@ -33,6 +37,7 @@ class OneWriter:
         self._wait_s = wait_s
         self._turn = asyncio.Lock()
         self._holder: Any = None  # the DBAPI connection whose transaction writes
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, engine: AsyncEngine) -> None:
         event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
@@ -45,13 +50,15 @@ class OneWriter:
         if self._holder is dbapi_connection or not _WRITES.match(statement):
             return
         try:
-            if self._turn.locked():
-                await_(asyncio.wait_for(self._turn.acquire(), self._wait_s))
-            else:
-                await_(self._turn.acquire())  # free: taken at once, without a task for the time limit
+            await_(self._take())
         except TimeoutError:
             raise sqlite3.OperationalError(f"database is locked (no turn to write within {self._wait_s:g} s)") from None
         self._holder = dbapi_connection
+
+    async def _take(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._wait_s):
+            await self._turn.acquire()
 
     def _giving_back(self, method: Any) -> Any:
         """`method` (the dialect's commit, rollback, close or terminate), then the turn is given back if this
@@ -63,8 +70,19 @@ class OneWriter:
             finally:
                 # Commit and rollback are given the pool's proxy of the connection, close and terminate the
                 # connection itself.
-                if self._holder is getattr(connection, "dbapi_connection", connection):
-                    self._holder = None
-                    self._turn.release()
+                if self._holder is not None and self._holder is getattr(connection, "dbapi_connection", connection):
+                    self._give_back()
 
         return wrapped
+
+    def _give_back(self) -> None:
+        self._holder = None
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or self._loop is None:
+            self._turn.release()
+        else:  # a connection collected by the garbage collector on another thread (SQLAlchemy closes it there)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits for the turn
+                self._loop.call_soon_threadsafe(self._turn.release)

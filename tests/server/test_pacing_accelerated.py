@@ -1,8 +1,9 @@
-"""Pacing on the simulator with an accelerated clock (800 times real time): hourly and daily caps hold, gaps stay
+"""Pacing on the simulator with an accelerated clock (200 times real time): hourly and daily caps hold, gaps stay
 within min..max, and nothing is sent during quiet hours."""
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import gc
 import itertools
@@ -18,12 +19,13 @@ from wamd_server.infra.db.tables import outbox
 from wamd_server.services.clock import AcceleratedClock
 
 KL = ZoneInfo("Asia/Kuala_Lumpur")
-FACTOR = 800
+FACTOR = 200
 MIN_GAP, MAX_GAP, HOURLY, DAILY = 30.0, 60.0, 10, 25
 QUIET = ("10:00", "11:00")
 LEADS_PER_DEVICE = 30
-# Scheduling jitter: every real millisecond of event-loop or database delay is 0.8 s at this speed, so a gap may
-# run over max by that much (never under min: pacing only ever waits longer).
+# Scheduling jitter: every real millisecond of event-loop or database delay is 0.2 s at this speed, so a gap may
+# run over max by that much (never under min: pacing only ever waits longer). Stalls of the whole process (the
+# machine busy with other work) are measured and allowed on top; see `LoopStalls`.
 TOLERANCE = timedelta(seconds=30)
 
 
@@ -38,11 +40,48 @@ def no_long_collector_pauses() -> Iterator[None]:
     gc.unfreeze()
 
 
+class LoopStalls:
+    """When the event loop could not run on time, in the test's timeline. On a shared machine the process can be
+    held up for a tenth of a second or more (20 s and more at this speed); a send due meanwhile goes out late by
+    that much, which says nothing about pacing."""
+
+    def __init__(self, clock: AcceleratedClock) -> None:
+        self.clock = clock
+        self.ends: list[datetime] = []  # when each stall ended
+        self.lengths: list[timedelta] = []
+
+    async def watch(self, tick: float = 0.01) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(tick)
+            late = loop.time() - before - tick
+            if late > 0.002:
+                self.ends.append(self.clock.now())
+                self.lengths.append(timedelta(seconds=late * FACTOR))
+
+    def between(self, start: datetime, end: datetime) -> timedelta:
+        """Time lost to stalls that ended after `start` and by `end`."""
+        lo, hi = bisect.bisect_right(self.ends, start), bisect.bisect_right(self.ends, end)
+        return sum(self.lengths[lo:hi], timedelta())
+
+
 async def test_caps_gaps_and_quiet_hours_hold(make_server: ServerFactory, database_url: str) -> None:
-    # Setting up takes a few real seconds (hours at this speed): the campaign starts at 08:30 sharp.
-    start = datetime(2026, 12, 1, 6, 0, tzinfo=KL)
+    # Setting up takes about a real second; 4.5 s (15 minutes at this speed) are left for it before the launch.
+    clock = AcceleratedClock(FACTOR, start=datetime(2026, 12, 1, 8, 15, tzinfo=KL).astimezone(UTC))
+    stalls = LoopStalls(clock)
+    watching = asyncio.create_task(stalls.watch())
+    try:
+        await _run_paced_campaign(make_server, database_url, clock, stalls)
+    finally:
+        watching.cancel()
+
+
+async def _run_paced_campaign(
+    make_server: ServerFactory, database_url: str, clock: AcceleratedClock, stalls: LoopStalls
+) -> None:
+    start = clock.now()
     launch = datetime(2026, 12, 1, 8, 30, tzinfo=KL)
-    clock = AcceleratedClock(FACTOR, start=start.astimezone(UTC))
     server = await make_server(database_url, clock=clock, WAMD_TIMEZONE="Asia/Kuala_Lumpur")
     ws = await server.ws()
     devices = []
@@ -68,12 +107,14 @@ async def test_caps_gaps_and_quiet_hours_hold(make_server: ServerFactory, databa
 
     engine = server.runtime.engine
     assert engine is not None
-    noon = datetime(2026, 12, 1, 12, 0, tzinfo=KL)
+    # By then each device has sent 10 (hourly cap) from 08:30, 10 more from about 09:30, nothing in quiet hours,
+    # and the last 5 of its daily cap from 11:00.
+    end = datetime(2026, 12, 1, 11, 15, tzinfo=KL)
 
-    async def past_noon() -> bool:
-        return clock.now() >= noon
+    async def past_end() -> bool:
+        return clock.now() >= end
 
-    await eventually(past_noon, timeout=(noon - start).total_seconds() / FACTOR + 30)
+    await eventually(past_end, timeout=(end - start).total_seconds() / FACTOR + 30)
 
     async with engine.connect() as conn:
         rows = (await conn.execute(select(outbox.c.device_id, outbox.c.sent_at, outbox.c.status))).all()
@@ -91,10 +132,11 @@ async def test_caps_gaps_and_quiet_hours_hold(make_server: ServerFactory, databa
         for earlier, later in itertools.pairwise(sent):
             gap = later - earlier
             assert gap >= timedelta(seconds=MIN_GAP), f"gap {gap} before {later.astimezone(KL)}"
-            if gap > timedelta(seconds=MAX_GAP) + TOLERANCE:
+            slack = TOLERANCE + stalls.between(earlier, later)
+            if gap > timedelta(seconds=MAX_GAP) + slack:
                 # A long gap is only allowed where a cap or quiet hours held the device back.
                 hour_full = bisect.bisect_right(sent, earlier) - bisect.bisect_right(sent, earlier - timedelta(hours=1))
                 quiet_end = later.astimezone(KL).replace(hour=11, minute=0, second=0, microsecond=0)
-                assert hour_full >= HOURLY or abs(later - quiet_end) <= TOLERANCE, (
+                assert hour_full >= HOURLY or timedelta() <= later - quiet_end <= slack, (
                     f"gap {gap} before {later.astimezone(KL)} without a cap or quiet hours"
                 )

@@ -4,7 +4,10 @@ SQLite connection given up mid-statement releases its write lock at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,6 +28,25 @@ def terminate(pid: int) -> None:
     """Drop a server connection, as a database restart would."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+@asynccontextmanager
+async def counters_db(tmp_path: Path, *rows: int, **engine_options: Any) -> AsyncIterator[AsyncEngine]:
+    """A SQLite engine on a new file with a `counters (n)` table holding `rows`, disposed of at the end."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}", **engine_options)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+            for n in rows:
+                await conn.execute(text("INSERT INTO counters VALUES (:n)"), {"n": n})
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def counters(engine: AsyncEngine) -> list[int]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all())
 
 
 async def test_a_connection_that_sat_idle_is_pinged_and_replaced_when_it_was_dropped(fresh_pg_url: str) -> None:
@@ -55,31 +77,20 @@ async def test_a_sqlite_connection_given_up_mid_statement_lets_other_writers_in_
     # A statement cut short (an UPDATE ... RETURNING whose rows were not all read when its task was cancelled) kept a
     # dropped SQLite connection open, with its write lock, until the statement was garbage-collected: every other
     # writer meanwhile failed with "database is locked" once the busy timeout had passed.
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}")
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
-            await conn.execute(text("INSERT INTO counters VALUES (1), (2), (3)"))
+    async with counters_db(tmp_path, 1, 2, 3) as engine:
         async with engine.connect() as conn:
             rows = await conn.stream(text("UPDATE counters SET n = n + 10 RETURNING n"))
             assert await rows.fetchone() is not None
             await conn.invalidate()  # what SQLAlchemy does with a connection whose task was cancelled mid-statement
         async with engine.begin() as conn:
             await conn.execute(text("INSERT INTO counters VALUES (4)"))
-        async with engine.connect() as conn:
-            stored = (await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all()
-        assert stored == [1, 2, 3, 4]  # the update given up was rolled back
-    finally:
-        await engine.dispose()
+        assert await counters(engine) == [1, 2, 3, 4]  # the update given up was rolled back
 
 
 async def test_sqlite_writers_take_turns_instead_of_failing_on_the_busy_timeout(tmp_path: Path) -> None:
     # Twenty transactions, each writing and holding its write for 50 ms, together far longer than SQLite's busy
     # timeout (0.2 s here): SQLite's own waiting let some fail with "database is locked"; in turns, all get through.
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}", sqlite_busy_timeout_ms=200)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+    async with counters_db(tmp_path, sqlite_busy_timeout_ms=200) as engine:
 
         async def write(n: int) -> None:
             async with engine.begin() as conn:
@@ -88,20 +99,13 @@ async def test_sqlite_writers_take_turns_instead_of_failing_on_the_busy_timeout(
                 await asyncio.sleep(0.05)
 
         await asyncio.gather(*(write(n) for n in range(20)))
-        async with engine.connect() as conn:
-            stored = (await conn.execute(text("SELECT n FROM counters ORDER BY n"))).scalars().all()
-        assert stored == list(range(20))
-    finally:
-        await engine.dispose()
+        assert await counters(engine) == list(range(20))
 
 
 async def test_a_sqlite_writer_that_gets_no_turn_fails_and_the_turn_comes_back_when_the_writer_ends(
     tmp_path: Path,
 ) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'wamd.db'}", sqlite_turn_wait_s=0.2)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE counters (n INTEGER)"))
+    async with counters_db(tmp_path, sqlite_turn_wait_s=0.2) as engine:
 
         async def write(n: int) -> None:
             async with engine.begin() as conn:
@@ -117,8 +121,4 @@ async def test_a_sqlite_writer_that_gets_no_turn_fails_and_the_turn_comes_back_w
                 else:
                     await first.invalidate()  # a connection given up (its task cancelled)
                 await write(2)  # at once: the turn came back
-        async with engine.connect() as conn:
-            stored = (await conn.execute(text("SELECT n FROM counters"))).scalars().all()
-        assert stored == [2, 2]
-    finally:
-        await engine.dispose()
+        assert await counters(engine) == [2, 2]

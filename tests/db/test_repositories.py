@@ -6,7 +6,8 @@ import asyncio
 import collections
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.db.migration_steps import device_under, downgrade_to, upgrade_to
 from wamd_server.domain.errors import Conflict
 from wamd_server.domain.events import Receipt, ReceiptType
-from wamd_server.domain.models import DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
+from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboxItem, Role, SourceKind
 from wamd_server.domain.ports import DeviceScope, Sent
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.devices import DEVICE_BY_ID_PG, SqlDeviceRepository, device_from_tuple
@@ -575,31 +576,50 @@ async def test_a_burst_of_receipts_is_stored_but_announced_within_budgets(engine
     await batcher.close()
 
 
+class RecordingHistory:
+    """Stands in for the history writer a locked batch hands its sends to (or releases them from)."""
+
+    def __init__(self) -> None:
+        self.handed: list[Sent] = []
+        self.released: list[Sent] = []
+
+    def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
+
+    def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+        self.released.extend(sent)
+
+    def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
+        self.handed.extend(sent)
+
+
+@asynccontextmanager
+async def three_queued(url: str, name: str, **engine_options: Any) -> AsyncIterator[tuple[AsyncEngine, Device]]:
+    """A migrated database with one device and three messages queued for it, due at T0."""
+    engine = create_engine(url, **engine_options)
+    await migrate.upgrade(engine)
+    try:
+        device = await SqlDeviceRepository(engine).add(name, None, None)
+        new = [NewMessage(device.id, CONTACT, f"text {n}", SourceKind.MANUAL, f"{name}-{n}", T0) for n in range(3)]
+        await SqlOutboxRepository(engine).enqueue(new, T0)
+        yield engine, device
+    finally:
+        await engine.dispose()
+
+
+async def statuses_of(engine: AsyncEngine, device: Device) -> list[str]:
+    async with engine.connect() as conn:
+        return sorted((await conn.execute(select(outbox.c.status).where(outbox.c.device_id == device.id))).scalars())
+
+
 async def test_a_locked_batch_cancelled_while_committing_still_commits_and_hands_over_its_sends(
     fresh_pg_url: str,
 ) -> None:
     """A lane cancelled (its device went offline) just as its locked batch commits: the commit runs to its end
     before the cancel goes on; the sent rows are not put back in the queue (no ROLLBACK between its statements),
     and the history writer is given them."""
-    engine = create_engine(fresh_pg_url)
-    await migrate.upgrade(engine)
-    try:
-        device = await SqlDeviceRepository(engine).add("Cancelled", None, None)
-        rows = SqlOutboxRepository(engine)
-        new = [NewMessage(device.id, CONTACT, f"text {n}", SourceKind.MANUAL, f"cancel-{n}", T0) for n in range(3)]
-        await rows.enqueue(new, T0)
-        handed: list[Sent] = []
-
-        class Writer:
-            def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
-
-            def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
-                raise AssertionError("released sends whose batch committed")
-
-            def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
-                handed.extend(sent)
-
-        batches = LockedBatches(engine, max_open=2, history=Writer())
+    async with three_queued(fresh_pg_url, "cancelled") as (engine, device):
+        writer = RecordingHistory()
+        batches = LockedBatches(engine, max_open=2, history=writer)
 
         async def lane() -> None:
             async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as batch:
@@ -611,24 +631,14 @@ async def test_a_locked_batch_cancelled_while_committing_still_commits_and_hands
         task = asyncio.create_task(lane())
         with pytest.raises(asyncio.CancelledError):
             await task
-        async with engine.connect() as conn:
-            statuses = (await conn.execute(select(outbox.c.status).where(outbox.c.device_id == device.id))).scalars()
-            assert sorted(statuses) == ["sent", "sent", "sent"]
-        assert len(handed) == 3
-    finally:
-        await engine.dispose()
+        assert await statuses_of(engine, device) == ["sent", "sent", "sent"]
+        assert len(writer.handed) == 3 and not writer.released
 
 
 async def test_a_locked_batch_whose_results_the_database_refuses_leaves_its_rows_queued(fresh_pg_url: str) -> None:
     """When writing the results fails, nothing of the batch is kept (its rows are queued again, with their message
     ids), its sends are released, and the next batch of the device takes the same rows on a connection that works."""
-    engine = create_engine(fresh_pg_url, pool_size=1)
-    await migrate.upgrade(engine)
-    try:
-        device = await SqlDeviceRepository(engine).add("Refused", None, None)
-        rows = SqlOutboxRepository(engine)
-        new = [NewMessage(device.id, CONTACT, f"text {n}", SourceKind.MANUAL, f"refused-{n}", T0) for n in range(3)]
-        await rows.enqueue(new, T0)
+    async with three_queued(fresh_pg_url, "refused", pool_size=1) as (engine, device):
         async with engine.begin() as conn:  # the database refuses to mark rows sent (say, a full disk)
             await conn.execute(
                 text(
@@ -642,33 +652,19 @@ async def test_a_locked_batch_whose_results_the_database_refuses_leaves_its_rows
                     "WHEN (NEW.status = 'sent') EXECUTE FUNCTION refuse_sent()"
                 )
             )
-        released: list[Sent] = []
-
-        class Writer:
-            def hold(self, device_id: UUID, sent: Sequence[Sent]) -> None: ...
-
-            def release(self, device_id: UUID, sent: Sequence[Sent]) -> None:
-                released.extend(sent)
-
-            def add(self, device_id: UUID, sent: Sequence[Sent]) -> None:
-                raise AssertionError("handed over sends whose batch did not commit")
-
-        batches = LockedBatches(engine, max_open=1, history=Writer())
+        writer = RecordingHistory()
+        batches = LockedBatches(engine, max_open=1, history=writer)
         with pytest.raises(Exception, match="refused"):
             async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as batch:
                 first_ids = {i.wa_message_id for i in batch.items}
                 await batch.sent([Sent(i.id, T0, T0, i.wa_message_id) for i in batch.items], [])
         assert batch.next_due is None and not batch.committed
-        assert len(released) == 3
+        assert len(writer.released) == 3 and not writer.handed
         async with batches.batch(device.id, T0 + timedelta(seconds=1), 10) as again:
             assert {i.wa_message_id for i in again.items} == first_ids and len(first_ids) == 3
             await again.failed(again.items[0].id, "given up", T0)
         assert again.committed and again.next_due == T0  # the two rows left are due as before
-        async with engine.connect() as conn:
-            statuses = (await conn.execute(select(outbox.c.status).where(outbox.c.device_id == device.id))).scalars()
-            assert sorted(statuses) == ["failed", "queued", "queued"]
-    finally:
-        await engine.dispose()
+        assert await statuses_of(engine, device) == ["failed", "queued", "queued"]
 
 
 # --- transport sessions ----------------------------------------------------------------------------------------

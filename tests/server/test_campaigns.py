@@ -184,6 +184,56 @@ async def test_messages_of_leads_without_owner_move_off_a_device_that_cannot_sen
     assert all(len(network.inbox(f"6019{n:07d}")) == 1 for n in range(10))
 
 
+async def test_leads_without_owner_wait_for_a_device_that_can_take_them(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    # Every device's queue paused at the launch: the leads without an owner device are counted and the campaign
+    # waits for a device instead of completing without them.
+    clock = AcceleratedClock(100)
+    server = await make_server(database_url, clock=clock)
+    devices = await linked_devices(server, 2)
+    for device in devices:
+        await server.ok("POST", f"/api/queue/{device['id']}/pause")
+    for n in range(6):
+        await server.ok("POST", "/api/leads", json={"name": f"Free {n}", "phone": f"+6019{n:07d}", "niche": "wait"})
+    campaign = await server.ok(
+        "POST", "/api/campaigns", json={"title": "Wait", "message": "Hi {name}", "niche": "wait"}
+    )
+    path = f"/api/campaigns/{campaign['id']}"
+
+    async def waiting() -> bool:
+        return (await server.ok("GET", path))["leads_waiting"] == 6
+
+    await eventually(waiting)
+    started = clock.now()
+    late = await server.ok("POST", "/api/leads", json={"name": "Late", "phone": "+60199999999", "niche": "wait"})
+
+    async def looked_again_twice() -> bool:  # the planner's rounds are a real second apart: 100 s here
+        return (clock.now() - started).total_seconds() > 300
+
+    await eventually(looked_again_twice)
+    waited = await server.ok("GET", path)
+    assert waited["status"] == "running"
+    assert waited["status_reason"] == "6 leads without an owner device wait for a device that can send"
+    assert (await server.ok("GET", f"{path}/report"))["should_send"] == 0
+
+    await server.ok("POST", f"/api/queue/{devices[1]['id']}/resume")
+
+    async def completed() -> bool:
+        return (await server.ok("GET", path))["status"] == "completed"
+
+    await eventually(completed)
+    done = await server.ok("GET", path)
+    assert (done["leads_waiting"], done["status_reason"]) == (0, None)
+    report = await server.ok("GET", f"{path}/report")
+    assert (report["should_send"], report["done_send"]) == (6, 6)
+    assert {d["device_id"]: d["done_send"] for d in report["devices"]} == {devices[1]["id"]: 6}
+    network = server.runtime.sim_network
+    assert network is not None
+    assert all(len(network.inbox(f"6019{n:07d}")) == 1 for n in range(6))
+    assert network.inbox(late["phone"].lstrip("+")) == []  # not a target: created after the campaign started
+
+
 async def test_failed_sends_retry_fail_or_pause_the_queue(make_server: ServerFactory, database_url: str) -> None:
     # Ten minutes of retry backoff pass in a few seconds; pacing is off, so on Postgres these rows go through
     # locked batches, on SQLite through claims: the outcomes must be the same.

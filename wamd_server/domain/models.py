@@ -232,3 +232,4 @@ class Campaign:
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    leads_waiting: int = 0  # leads without an owner no device could take yet (see `services/planner.py`)

@@ -316,6 +316,9 @@ class CampaignOut(BaseModel):
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    leads_waiting: int = Field(
+        default=0, description="leads without an owner device that no device of the campaign could take yet"
+    )
 
 
 class CampaignCreate(Request):

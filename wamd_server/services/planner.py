@@ -3,6 +3,10 @@
 Launching asks the campaign's type (a plugin) to plan it through a `PlanContext`; every message is inserted with
 the source key `campaign:<campaign>:<lead>`, so launching again after a crash adds only what is missing. While a
 campaign runs, the planner publishes its progress (counted from the outbox) and completes it when nothing is left.
+
+Leads without an owner device that no device could take at the launch (every device of the campaign banned,
+logged out or paused) are not dropped: the campaign counts them (`leads_waiting`, with a reason shown) and stays
+running; the planner plans it again, for the leads that existed at its start, once a device can take them.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ class CampaignStore(Protocol):
         self, campaign_id: UUID, from_statuses: Sequence[CampaignStatus], now: datetime, **values: Any
     ) -> bool: ...
 
-    async def target_leads(self, campaign: Campaign, limit: int, after: UUID | None) -> list[Lead]: ...
+    async def target_leads(
+        self, campaign: Campaign, limit: int, after: UUID | None, created_by: datetime | None = None
+    ) -> list[Lead]: ...
 
     async def stranded_rows(
         self, campaign_id: UUID, stuck_devices: Sequence[UUID], limit: int
@@ -109,15 +115,19 @@ NewMessageFactory = Callable[..., Any]
 class PlanContext:
     """What a campaign type's `plan` may use."""
 
-    def __init__(self, planner: CampaignPlanner, campaign: Campaign, rescue: bool = False) -> None:
+    def __init__(
+        self, planner: CampaignPlanner, campaign: Campaign, rescue: bool = False, leads_by: datetime | None = None
+    ) -> None:
         self._planner = planner
         self.campaign = campaign
         self.rescue = rescue  # distributing messages moved off a device that cannot send (see `rescue`)
         self.queued_devices: set[UUID] = set()
+        self.waiting = 0  # leads given to `distribute` while no device could take them
+        self._leads_by = leads_by  # planning again: only the leads that existed at the campaign's start
 
     async def leads(self, after: UUID | None, limit: int = LEAD_PAGE) -> list[Lead]:
         """The next page of target leads (matching niche, target status and devices; never opted out)."""
-        return await self._planner.campaigns.target_leads(self.campaign, limit, after)
+        return await self._planner.campaigns.target_leads(self.campaign, limit, after, self._leads_by)
 
     async def devices(self) -> list[Device]:
         """Devices the campaign may send from: its `device_ids`, else every device its owner may use."""
@@ -127,7 +137,11 @@ class PlanContext:
         """Give leads without an owner device a sender: a `wamd_distribute_leads` plugin decides, else round
         robin over the devices that can take them (never banned, logged out or paused)."""
         usable = [d for d in devices if d.status in DISTRIBUTABLE and not d.queue_paused_reason]
-        if not leads or not usable:
+        if not leads:
+            return {}
+        if not usable:
+            if not self.rescue:
+                self.waiting += len(leads)  # the planner plans the campaign again when a device can take them
             return {}
         decided = await self._planner.plugins.call_first(
             "wamd_distribute_leads", campaign=self.campaign, leads=leads, devices=usable, ctx=self
@@ -242,13 +256,39 @@ class CampaignPlanner:
             self.clock.now(),
             status=CampaignStatus.RUNNING,
             started_at=self.clock.now(),
+            **_waiting_values(ctx.waiting),
         )
+        await self._queued(ctx)
+        log.info("campaign %s: %d messages queued%s", campaign.id, queued, "" if started else " (state changed)")
+        if ctx.waiting:
+            log.warning("campaign %s: %d leads wait for a device that can send", campaign.id, ctx.waiting)
+        return int(queued)
+
+    async def place_waiting(self, campaign: Campaign) -> int:
+        """Plan a running campaign again for its leads that waited for a device (see the module's docstring),
+        once one of its devices can take leads; messages already queued are not added twice (source keys).
+        Returns how many leads still wait."""
+        devices = await self.devices_of(campaign)
+        if not any(d.status in DISTRIBUTABLE and not d.queue_paused_reason for d in devices):
+            return campaign.leads_waiting
+        spec = (await self.types()).get(campaign.type)
+        if spec is None or spec.plan is None:
+            return campaign.leads_waiting
+        ctx = PlanContext(self, campaign, leads_by=campaign.started_at)
+        queued = await spec.plan(campaign, ctx)
+        self.rr_offset += 1
+        await self.campaigns.transition(
+            campaign.id, [CampaignStatus.RUNNING], self.clock.now(), **_waiting_values(ctx.waiting)
+        )
+        await self._queued(ctx)
+        log.info("campaign %s: %d messages queued for leads that waited for a device", campaign.id, queued)
+        return ctx.waiting
+
+    async def _queued(self, ctx: PlanContext) -> None:
         if ctx.queued_devices:
             await self.bus.publish(
                 BusEvent(ev.OUTBOX_QUEUED, {"device_ids": sorted(str(d) for d in ctx.queued_devices)})
             )
-        log.info("campaign %s: %d messages queued%s", campaign.id, queued, "" if started else " (state changed)")
-        return int(queued)
 
     async def rescue(self, campaign: Campaign) -> int:
         """Lead distribution at send time: messages to leads without an owner device, waiting on a device that
@@ -282,14 +322,18 @@ class CampaignPlanner:
         now = self.clock.now()
         self._rescued_at = {c.id: self._rescued_at[c.id] for c in running if c.id in self._rescued_at}
         for campaign in running:
-            if campaign.status is CampaignStatus.RUNNING and tallies[campaign.id].remaining_send:
+            waiting = campaign.leads_waiting  # as read before this round (placing them changes the tally)
+            if campaign.status is CampaignStatus.RUNNING and (tallies[campaign.id].remaining_send or waiting):
                 last = self._rescued_at.get(campaign.id)
                 if last is None or now - last >= RESCUE_EVERY:
                     self._rescued_at[campaign.id] = now
                     await self.rescue(campaign)
+                    if waiting:
+                        await self.place_waiting(campaign)
             tally = tallies[campaign.id]
             numbers = (tally.should_send, tally.done_send, tally.failed_send, tally.remaining_send)
-            finished = campaign.status is CampaignStatus.RUNNING and tally.remaining_send == 0
+            # (Leads placed just now are counted by the next round, which completes the campaign when all is sent.)
+            finished = campaign.status is CampaignStatus.RUNNING and tally.remaining_send == 0 and not waiting
             if finished:
                 await self.campaigns.transition(
                     campaign.id,
@@ -314,6 +358,11 @@ class CampaignPlanner:
         await self.bus.publish(
             BusEvent(ev.CAMPAIGN_PROGRESS, payload.model_dump(mode="json"), user_id=campaign.user_id)
         )
+
+
+def _waiting_values(waiting: int) -> dict[str, Any]:
+    reason = f"{waiting} leads without an owner device wait for a device that can send" if waiting else None
+    return {"leads_waiting": waiting, "status_reason": reason}
 
 
 class PlannerLoop:

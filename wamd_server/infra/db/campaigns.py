@@ -32,6 +32,7 @@ CAMPAIGN_FIELDS = frozenset(
         "options",
         "started_at",
         "finished_at",
+        "leads_waiting",
     }
 )
 
@@ -56,6 +57,7 @@ def campaign_from_row(row: RowMapping) -> Campaign:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        leads_waiting=row["leads_waiting"],
     )
 
 
@@ -186,8 +188,11 @@ class SqlCampaignRepository:
         async with self._engine.connect() as conn:
             return {status: int(n) for status, n in await conn.execute(query)}
 
-    async def target_leads(self, campaign: Campaign, limit: int, after: UUID | None) -> list[Lead]:
-        """The campaign owner's leads that match its niche and target status, not opted out, by id."""
+    async def target_leads(
+        self, campaign: Campaign, limit: int, after: UUID | None, created_by: datetime | None = None
+    ) -> list[Lead]:
+        """The campaign owner's leads that match its niche and target status, not opted out, by id (and, with
+        `created_by`, created by then)."""
         query = (
             select(leads)
             .where(leads.c.user_id == campaign.user_id, leads.c.opted_out_at.is_(None))
@@ -203,6 +208,8 @@ class SqlCampaignRepository:
             query = query.where(or_(leads.c.device_id.in_(campaign.device_ids), leads.c.device_id.is_(None)))
         if after is not None:
             query = query.where(leads.c.id > after)
+        if created_by is not None:
+            query = query.where(leads.c.created_at <= created_by)
         async with self._engine.connect() as conn:
             return [lead_from_row(r) for r in (await conn.execute(query)).mappings()]
 

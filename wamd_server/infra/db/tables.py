@@ -220,6 +220,8 @@ campaigns = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     Column("started_at", UtcDateTime),
     Column("finished_at", UtcDateTime),
+    # Leads without an owner device that no device of the campaign could take yet: planned again when one can.
+    Column("leads_waiting", Integer, nullable=False, server_default="0"),
     Index("ix_campaigns_status_due", "status", "scheduled_at"),
 )
 

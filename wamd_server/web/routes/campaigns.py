@@ -44,6 +44,7 @@ def campaign_out(c: Campaign) -> dict[str, Any]:
         created_at=c.created_at,
         started_at=c.started_at,
         finished_at=c.finished_at,
+        leads_waiting=c.leads_waiting,
     ).model_dump(mode="json")
 
 

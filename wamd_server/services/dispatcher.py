@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from wamd_server.domain.errors import NotConnected, TransportError
+from wamd_server.domain.errors import NotConnected, RecipientNotOnWhatsApp, TransportError
 from wamd_server.domain.ids import user_jid
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboundMessage, OutboxItem, SendResult
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
@@ -52,7 +52,9 @@ class DispatchSettings:
     idle_poll_s: float = 60.0  # an idle lane looks again this often at most (new messages wake it at once)
     max_attempts: int = 5  # transient failures before a message fails for good
     retry_delays_s: tuple[float, ...] = (30.0, 120.0, 600.0, 1800.0)
-    failures_to_pause: int = 5  # consecutive failed sends that pause the device's queue
+    # Consecutive failed sends that pause the device's queue (a recipient not on WhatsApp is no fault of the
+    # device: it is not counted, or a list of bad numbers would pause a healthy device).
+    failures_to_pause: int = 5
     send_timeout_s: float = 30.0  # no server ack after this long: the device is suspect
     typing_chars_per_s: float = 15.0  # how long "typing…" shows: the text's length at this speed…
     typing_max_s: float = 6.0  # …but never longer than this, nor than the gap before the send
@@ -579,7 +581,9 @@ class Lane:
         """Settle a failed attempt; True when the failures in a row paused the device's queue."""
         d = self.d
         now = d.clock.now()
-        self.failures += 1
+        device_fault = not isinstance(exc, RecipientNotOnWhatsApp)
+        if device_fault:
+            self.failures += 1
         if not exc.retryable:
             await self.results.failed(item.id, exc.message, now)
         elif item.attempts >= d.settings.max_attempts:
@@ -588,7 +592,7 @@ class Lane:
             delays = d.settings.retry_delays_s
             at = now + timedelta(seconds=delays[min(item.attempts - 1, len(delays) - 1)])
             await self.results.retry_later(item.id, at, exc.message, now)
-        if self.failures < d.settings.failures_to_pause:
+        if not device_fault or self.failures < d.settings.failures_to_pause:
             return False
         await d.queue.pause(self.device_id, "failures", f"{self.failures} sends in a row failed; last: {exc.message}")
         self.failures = 0  # counted afresh once the queue is resumed

@@ -63,7 +63,7 @@ from wamd_server.services.history import HistoryWriter
 from wamd_server.services.hooks import HookCaller
 from wamd_server.services.leads import LeadService
 from wamd_server.services.media import MediaService
-from wamd_server.services.optout import OptOutPlugin
+from wamd_server.services.optout import OptOutActions, OptOutPlugin
 from wamd_server.services.planner import CampaignPlanner, PlannerLoop
 from wamd_server.services.queue import QueueControl, QueueService
 from wamd_server.services.templates import TemplateService
@@ -172,6 +172,7 @@ class Runtime:
         device_repo = self.device_repo = SqlDeviceRepository(self.engine)
         leases = SqlLeaseRepository(self.engine)
         self._users = UserService(user_repo, device_repo)
+        self._opt_outs = OptOutActions(SqlOutboxRepository(self.engine), self.bus)
         if (
             cfg.admin_email
             and cfg.admin_password
@@ -221,7 +222,12 @@ class Runtime:
             users=self._users,
             devices=DeviceService(device_repo, router, clock, phone_region=cfg.phone_region),
             leads=LeadService(
-                SqlLeadRepository(self.engine), device_repo, self.bus, clock, phone_region=cfg.phone_region
+                SqlLeadRepository(self.engine),
+                device_repo,
+                self.bus,
+                clock,
+                phone_region=cfg.phone_region,
+                opt_outs=self._opt_outs,
             ),
             templates=TemplateService(
                 SqlLeadRepository(self.engine), clock, cfg.timezone, phone_region=cfg.phone_region
@@ -300,9 +306,7 @@ class Runtime:
         )
         self.pool.status_listeners.append(self.dispatcher.device_status)
         self.plugins.register(
-            OptOutPlugin(
-                SqlLeadRepository(self.engine), SqlOutboxRepository(self.engine), self.bus, clock, cfg.opt_out_words
-            ),
+            OptOutPlugin(SqlLeadRepository(self.engine), self._opt_outs, clock, cfg.opt_out_words),
             name="wamd.builtin.optout",
         )
         self._unsubscribe.append(self.bus.subscribe(self._outbox_queued))
@@ -378,7 +382,11 @@ class Runtime:
             ids = event.data.get("device_ids") or None  # none named: every lane looks
             self.dispatcher.wake([UUID(d) for d in ids] if ids else None)
         elif event.type == OPTED_OUT:
-            self.dispatcher.opted_out.add(str(event.data["phone"]))
+            phone = str(event.data["phone"])
+            if event.data.get("opted_out", True):
+                self.dispatcher.opted_out.add(phone)
+            else:
+                self.dispatcher.opted_out.discard(phone)
 
     async def stop(self) -> None:
         """Stop everything that runs, in reverse order of start; calling it again does nothing."""

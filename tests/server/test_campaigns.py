@@ -14,6 +14,7 @@ from sqlalchemy import delete
 
 from tests.conftest import Server, ServerFactory, eventually, truncate_all
 from wamd_server.infra.db.tables import messages
+from wamd_server.services import campaigns as campaign_service
 from wamd_server.services.clock import AcceleratedClock, SystemClock
 from wamd_server.services.queue import QueueControl
 
@@ -133,6 +134,81 @@ async def test_opted_out_leads_receive_nothing(server: Server) -> None:
         assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
     report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
     assert (report["should_send"], report["done_send"]) == (2, 2)
+
+
+async def test_an_opt_out_cancels_waiting_messages_however_it_is_made_and_can_be_taken_back(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    server = await make_server(database_url)
+    [device] = await linked_devices(server, 1)
+    await server.ok("POST", f"/api/queue/{device['id']}/pause")  # the campaign's messages wait in the queue
+    replied, marked, kept = await make_leads(server, 3, [device])
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Held", "message": "Hi {name}"})
+    path = f"/api/campaigns/{campaign['id']}"
+
+    async def planned() -> bool:
+        return (await server.ok("GET", f"{path}/report"))["should_send"] == 3
+
+    await eventually(planned)
+    network = server.runtime.sim_network
+    assert network is not None
+    stranger = "60177777777"  # writes "stop" in a chat, but is no lead: nothing to opt out
+    await network.contact_send(stranger, device["phone"], "stop")
+    await network.contact_send(replied["phone"], device["phone"], "Berhenti")  # a default stop word (Malay)
+    await server.ok("PATCH", f"/api/leads/{marked['id']}", json={"opted_out": True})  # by hand
+
+    async def both_cancelled() -> bool:
+        items = (await server.ok("GET", f"{path}/recipients?status=cancelled"))["items"]
+        return sorted(r["lead_id"] for r in items) == sorted([replied["id"], marked["id"]])
+
+    await eventually(both_cancelled)
+    cancelled = (await server.ok("GET", f"{path}/recipients?status=cancelled"))["items"]
+    assert {r["error"] for r in cancelled} == {"the recipient opted out"}
+
+    # Taken back: the lead may be written to again (a campaign's cancelled message stays cancelled).
+    await server.ok("PATCH", f"/api/leads/{marked['id']}", json={"opted_out": False})
+    for phone in (marked["phone"].lstrip("+"), stranger):
+        chat = f"/api/devices/{device['id']}/chats/{phone}@s.whatsapp.net/messages"
+        await server.ok("POST", chat, json={"text": "A word by hand"})
+    await server.ok("POST", f"/api/queue/{device['id']}/resume")
+
+    async def all_out() -> bool:
+        return all(len(network.inbox(p)) == 1 for p in (kept["phone"], marked["phone"], stranger))
+
+    await eventually(all_out)
+    assert [m["text"] for m in network.inbox(kept["phone"])] == ["Hi Lead 2"]
+    assert [m["text"] for m in network.inbox(marked["phone"])] == ["A word by hand"]
+    assert [m["text"] for m in network.inbox(stranger)] == ["A word by hand"]
+    assert network.inbox(replied["phone"]) == []
+
+
+async def test_the_summary_counts_every_campaign_of_the_range(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(campaign_service, "SUMMARY_PAGE", 2)  # five campaigns make three pages
+    devices = await linked_devices(server, 1)
+    await make_leads(server, 3, devices)
+    created = []
+    for n in range(5):
+        body = {"title": f"C{n}", "message": "Hi {name}", "scheduled_at": f"2026-01-0{n + 1}T09:00:00+08:00"}
+        created.append(await server.ok("POST", "/api/campaigns", json=body))
+
+    async def all_done() -> bool:
+        for c in created:
+            report = await server.ok("GET", f"/api/campaigns/{c['id']}/report")
+            if report["done_send"] != 3:
+                return False
+        return True
+
+    await eventually(all_done, timeout=20)
+    summary = await server.ok("GET", "/api/campaigns/summary")
+    assert summary["campaigns"]["total"] == 5
+    assert summary["broadcast_stats"] == {
+        "total_should_send": 15,
+        "total_done_send": 15,
+        "total_failed_send": 0,
+        "total_remaining_send": 0,
+    }
+    assert [c["title"] for c in summary["recent_campaigns"]] == ["C4", "C3", "C2", "C1", "C0"]
+    assert all(c["done_send"] == 3 for c in summary["recent_campaigns"])
 
 
 @pytest.mark.parametrize("trouble", ["ban", "queue paused"])

@@ -6,6 +6,7 @@ summary, the per-device report and the recipient list always agree.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,7 @@ from wamd_server.services.devices import scope_of
 
 EDITABLE = frozenset({CampaignStatus.DRAFT, CampaignStatus.SCHEDULED, CampaignStatus.PAUSED})
 TARGETS = ("prospect", "customer", "all")
+SUMMARY_PAGE = 1000  # campaigns counted per query of the summary
 
 
 @dataclass
@@ -274,15 +276,27 @@ class CampaignService:
     async def summary(self, user: User, start: datetime | None, end: datetime | None) -> dict[str, Any]:
         owner = None if user.is_admin else user.id
         counts = await self._campaigns.count_by_status(owner, start, end)
-        recent = await self._campaigns.list_page(owner, 1000, None, scheduled_from=start, scheduled_to=end)
-        tallies = await self._outbox.tally_many([c.id for c in recent])
         totals = {"total_should_send": 0, "total_done_send": 0, "total_failed_send": 0, "total_remaining_send": 0}
-        for tally in tallies.values():
-            totals["total_should_send"] += tally.should_send
-            totals["total_done_send"] += tally.done_send
-            totals["total_failed_send"] += tally.failed_send
-            totals["total_remaining_send"] += tally.remaining_send
-        recent.sort(key=lambda c: c.scheduled_at, reverse=True)
+        recent: list[Campaign] = []  # the ten scheduled last
+        tallies: dict[UUID, Any] = {}
+        after: tuple[datetime, UUID] | None = None
+        # Every campaign in the range, a page at a time, counted as its report counts it.
+        while page := await self._campaigns.list_page(
+            owner, SUMMARY_PAGE, after, scheduled_from=start, scheduled_to=end
+        ):
+            page_tallies = await self._outbox.tally_many([c.id for c in page])
+            for tally in page_tallies.values():
+                totals["total_should_send"] += tally.should_send
+                totals["total_done_send"] += tally.done_send
+                totals["total_failed_send"] += tally.failed_send
+                totals["total_remaining_send"] += tally.remaining_send
+            recent = heapq.nlargest(10, [*recent, *page], key=lambda c: c.scheduled_at)
+            tallies = {c.id: page_tallies[c.id] if c.id in page_tallies else tallies[c.id] for c in recent}
+            if len(page) < SUMMARY_PAGE:
+                break
+            last = page[-1]
+            assert last.created_at is not None
+            after = (last.created_at, last.id)
         return {
             "campaigns": {"total": sum(counts.values()), **{s.value: counts.get(s.value, 0) for s in CampaignStatus}},
             "broadcast_stats": totals,
@@ -294,7 +308,7 @@ class CampaignService:
                     "scheduled_at": c.scheduled_at.isoformat(),
                     **numbers(tallies[c.id]),
                 }
-                for c in recent[:10]
+                for c in recent
             ],
         }
 

@@ -88,6 +88,8 @@ class OutboxStore(Protocol):
 
     async def opted_out_phones(self) -> set[str]: ...
 
+    async def is_opted_out(self, phone: str) -> bool: ...
+
     async def sent_without_history(self, device_id: UUID, since: datetime) -> list[tuple[OutboxItem, Sent]]:
         """Rows the device sent since `since` whose message is missing from its chat history."""
         ...
@@ -135,8 +137,9 @@ def _pace_of(device: Device) -> tuple[Any, ...]:
 
 
 class OptedOut:
-    """Phones that opted out, kept in memory: checked before every send without a query. Reloaded now and then;
-    a new opt-out is added at once (`add`, from the bus) wherever it happened."""
+    """Phones that opted out, kept in memory: checked before every send without a query. Reloaded now and then
+    (an opt-out taken back elsewhere ends with the reload); a change is applied at once (`add`, `discard`, from
+    the bus) wherever it happened."""
 
     def __init__(self, outbox: OutboxStore, max_age_s: float = 30.0) -> None:
         self._outbox = outbox
@@ -144,18 +147,37 @@ class OptedOut:
         self._phones: set[str] = set()
         self._loaded_at = -math.inf
         self._lock = asyncio.Lock()
+        self._changed: dict[str, tuple[bool, float]] = {}  # phone -> (opted out, when), since the last reload
 
     async def phones(self) -> set[str]:
         if time.monotonic() - self._loaded_at > self._max_age_s:
             async with self._lock:
                 if time.monotonic() - self._loaded_at > self._max_age_s:
                     started = time.monotonic()
-                    self._phones |= await self._outbox.opted_out_phones()
+                    loaded = await self._outbox.opted_out_phones()
+                    # A change that came while the reload read may be missing from what it read: it stands.
+                    self._changed = {p: c for p, c in self._changed.items() if c[1] >= started}
+                    for phone, (out, _) in self._changed.items():
+                        (loaded.add if out else loaded.discard)(phone)
+                    self._phones = loaded
                     self._loaded_at = started
         return self._phones
 
     def add(self, phone: str) -> None:
         self._phones.add(phone)
+        self._changed[phone] = (True, time.monotonic())
+
+    async def confirm(self, phone: str) -> bool:
+        """Whether a phone found in `phones()` opted out still: asked of the database, which the set may trail
+        (an opt-out taken back a moment ago, its news not here yet). A stale entry is dropped."""
+        if await self._outbox.is_opted_out(phone):
+            return True
+        self.discard(phone)
+        return False
+
+    def discard(self, phone: str) -> None:
+        self._phones.discard(phone)
+        self._changed[phone] = (False, time.monotonic())
 
 
 class Dispatcher:
@@ -464,7 +486,9 @@ class Lane:
                     break  # the rest goes to the next batch
                 # Checks and loading come before the gap, so the send follows the gap at once.
                 loaded_text = item.text  # a plugin may change it (`wamd_before_send`)
-                message = await self._prepare(item, item.recipient in opted_out)
+                message = await self._prepare(
+                    item, item.recipient in opted_out and await d.opted_out.confirm(item.recipient)
+                )
                 if message is None:
                     del self.claimed[item.id]
                     continue

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from uuid import UUID
 
 from wamd_server.domain.errors import Conflict, DomainError, InvalidInput, NotFound
@@ -430,6 +430,14 @@ class _ImportRun:
 # --- the service ----------------------------------------------------------------------------------------
 
 
+class OptOutFollowUp(Protocol):
+    """What follows a lead marked opted out by hand, or taken back (`services/optout.py` `OptOutActions`)."""
+
+    async def opted_out(self, phone: str, now: datetime) -> int: ...
+
+    async def opted_back_in(self, phone: str) -> None: ...
+
+
 class LeadService:
     def __init__(
         self,
@@ -441,11 +449,13 @@ class LeadService:
         phone_region: str = "MY",
         batch_size: int = IMPORT_BATCH,
         progress_every: int = PROGRESS_EVERY,
+        opt_outs: OptOutFollowUp | None = None,
     ) -> None:
         self._leads = leads
         self._devices = devices
         self._bus = bus
         self._clock = clock
+        self._opt_outs = opt_outs
         self._region = phone_region
         self._batch_size = batch_size
         self._progress_every = progress_every
@@ -552,6 +562,11 @@ class LeadService:
         updated = await self._leads.update(lead_id, values)
         if updated is None:
             raise NotFound("lead not found")
+        if self._opt_outs is not None and "opted_out_at" in values:
+            if values["opted_out_at"] is not None:
+                await self._opt_outs.opted_out(updated.phone, values["opted_out_at"])
+            else:
+                await self._opt_outs.opted_back_in(updated.phone)
         return updated
 
     async def delete(self, user: User, lead_id: UUID) -> None:

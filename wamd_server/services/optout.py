@@ -35,13 +35,31 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"^[\W_]+|[\W_]+$", "", text.strip())).upper()
 
 
-class OptOutPlugin:
-    def __init__(
-        self, leads: OptOutLeads, outbox: OptOutOutbox, bus: EventBus, clock: Clock, words: Iterable[str]
-    ) -> None:
-        self._leads = leads
+OPTED_OUT_REASON = "the recipient opted out"
+
+
+class OptOutActions:
+    """What follows an opt-out however it was made (a stop word, or a lead marked by hand): the phone's waiting
+    messages are cancelled and every worker's dispatcher stops sending to it at once, not at its next reload; and
+    what follows taking one back (the dispatchers send to the phone again)."""
+
+    def __init__(self, outbox: OptOutOutbox, bus: EventBus) -> None:
         self._outbox = outbox
         self._bus = bus
+
+    async def opted_out(self, phone: str, now: datetime) -> int:
+        cancelled = await self._outbox.cancel_for_recipient(phone, OPTED_OUT_REASON, now)
+        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": phone, "opted_out": True}))
+        return cancelled
+
+    async def opted_back_in(self, phone: str) -> None:
+        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": phone, "opted_out": False}))
+
+
+class OptOutPlugin:
+    def __init__(self, leads: OptOutLeads, actions: OptOutActions, clock: Clock, words: Iterable[str]) -> None:
+        self._leads = leads
+        self._actions = actions
         self._clock = clock
         self.words = frozenset(normalise(w) for w in words if normalise(w))
 
@@ -54,7 +72,9 @@ class OptOutPlugin:
             return
         now = self._clock.now()
         leads = await self._leads.opt_out_phone(message.sender_phone, now)
-        cancelled = await self._outbox.cancel_for_recipient(message.sender_phone, "the recipient opted out", now)
-        # Every worker's dispatcher stops sending to this phone now, not at its next reload.
-        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": message.sender_phone}))
+        if not leads:
+            # Not a lead, or one that had opted out already: a contact in a chat who is no lead may write "stop"
+            # and still be answered by hand.
+            return
+        cancelled = await self._actions.opted_out(message.sender_phone, now)
         log.info("+%s opted out (%d leads, %d queued messages cancelled)", message.sender_phone, len(leads), cancelled)

@@ -518,6 +518,11 @@ class SqlOutboxRepository:
         async with self._engine.connect() as conn:
             return set((await conn.execute(query)).scalars())
 
+    async def is_opted_out(self, phone: str) -> bool:
+        query = select(leads.c.id).where(leads.c.phone == phone, leads.c.opted_out_at.is_not(None)).limit(1)
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
     async def cancel_for_recipient(self, recipient: str, reason: str, now: datetime) -> int:
         """Cancel every message still waiting for `recipient` (they opted out)."""
         of_recipient = outbox.c.recipient == recipient

@@ -50,7 +50,7 @@ from wamd_server.infra.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from wamd_server.infra.whatsapp import builtin
 from wamd_server.plugin_api.manager import PluginHost
 from wamd_server.plugin_api.types import CampaignTypeSpec, TransportContext, TransportSpec
-from wamd_server.protocol.events import OPTED_OUT, OUTBOX_QUEUED
+from wamd_server.protocol.events import OPTED_IN, OPTED_OUT, OUTBOX_QUEUED
 from wamd_server.services.auth import AuthService
 from wamd_server.services.campaigns import CampaignService
 from wamd_server.services.chats import ChatService
@@ -382,11 +382,9 @@ class Runtime:
             ids = event.data.get("device_ids") or None  # none named: every lane looks
             self.dispatcher.wake([UUID(d) for d in ids] if ids else None)
         elif event.type == OPTED_OUT:
-            phone = str(event.data["phone"])
-            if event.data.get("opted_out", True):
-                self.dispatcher.opted_out.add(phone)
-            else:
-                self.dispatcher.opted_out.discard(phone)
+            self.dispatcher.opted_out.add(str(event.data["phone"]))
+        elif event.type == OPTED_IN:
+            self.dispatcher.opted_out.discard(str(event.data["phone"]))
 
     async def stop(self) -> None:
         """Stop everything that runs, in reverse order of start; calling it again does nothing."""

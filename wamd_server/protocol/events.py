@@ -36,8 +36,11 @@ EVENT_TYPES = (
 ACCESS_CHANGED = "_access.changed"
 # Internal: messages were queued for these devices; their workers' dispatchers look now.
 OUTBOX_QUEUED = "_outbox.queued"
-# Internal: a phone opted out; dispatchers stop sending to it at once.
+# Internal: a phone opted out (a stop word, or a lead marked by hand); dispatchers stop sending to it at once.
 OPTED_OUT = "_leads.opted_out"
+# Internal: no lead with this phone is opted out any more (taken back by hand); dispatchers send to it again.
+# (An event of its own: a worker of an older version, which knows only OPTED_OUT, ignores it.)
+OPTED_IN = "_leads.opted_in"
 
 DeviceStatusName = Literal["unpaired", "pairing", "connecting", "online", "offline", "logged_out", "banned"]
 

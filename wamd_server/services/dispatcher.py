@@ -30,6 +30,7 @@ from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, Outb
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
 from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource, Results
 from wamd_server.services.deadlines import Deadlines
+from wamd_server.services.optout import OPTED_OUT_REASON
 from wamd_server.services.pacing import PacingRules, SendAllowance, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
 
@@ -55,6 +56,9 @@ class DispatchSettings:
     # Consecutive failed sends that pause the device's queue (a recipient not on WhatsApp is no fault of the
     # device: it is not counted, or a list of bad numbers would pause a healthy device).
     failures_to_pause: int = 5
+    # Recipients in a row not on WhatsApp that pause it: messaging many numbers that are not on WhatsApp is a
+    # sign of spam to WhatsApp (and a bad lead list is worth a look before it goes on).
+    missing_to_pause: int = 20
     send_timeout_s: float = 30.0  # no server ack after this long: the device is suspect
     typing_chars_per_s: float = 15.0  # how long "typing…" shows: the text's length at this speed…
     typing_max_s: float = 6.0  # …but never longer than this, nor than the gap before the send
@@ -167,12 +171,17 @@ class OptedOut:
         self._phones.add(phone)
         self._changed[phone] = (True, time.monotonic())
 
-    async def confirm(self, phone: str) -> bool:
-        """Whether a phone found in `phones()` opted out still: asked of the database, which the set may trail
-        (an opt-out taken back a moment ago, its news not here yet). A stale entry is dropped."""
+    async def holds(self, phone: str) -> bool:
+        """Whether messages to `phone` must not go out: it is in the set (as it is now, not as a batch found it),
+        and the database, which the set may trail (an opt-out taken back a moment ago, its news not here yet),
+        agrees. A stale entry is dropped, unless news about the phone came while the database was asked."""
+        if phone not in self._phones:
+            return False
+        asked = time.monotonic()
         if await self._outbox.is_opted_out(phone):
             return True
-        self.discard(phone)
+        if self._changed.get(phone, (False, -math.inf))[1] < asked:
+            self.discard(phone)
         return False
 
     def discard(self, phone: str) -> None:
@@ -275,7 +284,8 @@ class Lane:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.history = SendHistory()
-        self.failures = 0
+        self.failures = 0  # failed sends in a row (the device's fault)
+        self.missing = 0  # recipients in a row not on WhatsApp
         self.errors = 0  # lane failures in a row (database unreachable…), for the backoff
         self.holding = False  # holds one of the dispatcher's active slots
         # Rows marked `sending` and not yet settled, by id (a dict: settling one is O(1), where removing from a
@@ -480,15 +490,13 @@ class Lane:
         sent: list[Sent] = []
         allowance = SendAllowance(rules, self.history)  # sends without a gap: counted down, not worked out each
         try:
-            opted_out = await d.opted_out.phones()
+            await d.opted_out.phones()  # (re)loaded, if due
             for item in batch:
                 if sent and results.expired():
                     break  # the rest goes to the next batch
                 # Checks and loading come before the gap, so the send follows the gap at once.
                 loaded_text = item.text  # a plugin may change it (`wamd_before_send`)
-                message = await self._prepare(
-                    item, item.recipient in opted_out and await d.opted_out.confirm(item.recipient)
-                )
+                message = await self._prepare(item, await d.opted_out.holds(item.recipient))
                 if message is None:
                     del self.claimed[item.id]
                     continue
@@ -508,6 +516,11 @@ class Lane:
                     break  # the queue was paused (or the device left) during the gap: the rest goes back
                 if device.typing:
                     await self._wait_unslotted(self._show_typing(item, typing_s))
+                if (wait > 0 or device.typing) and await d.opted_out.holds(item.recipient):
+                    # The recipient opted out during the gap (which can last minutes).
+                    await self.results.cancelled(item.id, OPTED_OUT_REASON, d.clock.now())
+                    del self.claimed[item.id]
+                    continue
                 outcome = await self._send(item, message, loaded_text)
                 del self.claimed[item.id]
                 if outcome.sent is not None:
@@ -556,7 +569,7 @@ class Lane:
         """The message to send, or None when the row was settled instead (opted out, vetoed, image gone)."""
         d = self.d
         if opted_out:
-            await self.results.cancelled(item.id, "the recipient opted out", d.clock.now())
+            await self.results.cancelled(item.id, OPTED_OUT_REASON, d.clock.now())
             return None
         reason = await d.veto(item)
         if reason:
@@ -586,7 +599,7 @@ class Lane:
             return SendOutcome(stop=True)
         except TransportError as exc:
             return SendOutcome(failed=True, paused=await self._failed(item, exc))
-        self.failures = 0
+        self.failures = self.missing = 0
         sent_at = d.clock.now()
         self.history.add(sent_at)
         edited = None if message.text is loaded_text else message.text
@@ -608,6 +621,8 @@ class Lane:
         device_fault = not isinstance(exc, RecipientNotOnWhatsApp)
         if device_fault:
             self.failures += 1
+        else:
+            self.missing += 1
         if not exc.retryable:
             await self.results.failed(item.id, exc.message, now)
         elif item.attempts >= d.settings.max_attempts:
@@ -616,7 +631,14 @@ class Lane:
             delays = d.settings.retry_delays_s
             at = now + timedelta(seconds=delays[min(item.attempts - 1, len(delays) - 1)])
             await self.results.retry_later(item.id, at, exc.message, now)
-        if not device_fault or self.failures < d.settings.failures_to_pause:
+        if not device_fault:
+            if self.missing < d.settings.missing_to_pause:
+                return False
+            reason = f"{self.missing} recipients in a row are not on WhatsApp; check the lead list"
+            await d.queue.pause(self.device_id, "failures", reason)
+            self.missing = 0  # counted afresh once the queue is resumed
+            return True
+        if self.failures < d.settings.failures_to_pause:
             return False
         await d.queue.pause(self.device_id, "failures", f"{self.failures} sends in a row failed; last: {exc.message}")
         self.failures = 0  # counted afresh once the queue is resumed

@@ -15,7 +15,7 @@ from uuid import UUID
 from wamd_server.domain.models import Device, InboundMessage
 from wamd_server.domain.ports import BusEvent, Clock, EventBus
 from wamd_server.plugin_api import hookimpl
-from wamd_server.protocol.events import OPTED_OUT
+from wamd_server.protocol.events import OPTED_IN, OPTED_OUT
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class OptOutLeads(Protocol):
 class OptOutOutbox(Protocol):
     async def cancel_for_recipient(self, recipient: str, reason: str, now: datetime) -> int: ...
 
+    async def is_opted_out(self, phone: str) -> bool: ...
+
 
 def normalise(text: str) -> str:
     """Case, surrounding punctuation and repeated spaces do not matter: 'stop!!' and ' Stop ' are STOP."""
@@ -41,7 +43,8 @@ OPTED_OUT_REASON = "the recipient opted out"
 class OptOutActions:
     """What follows an opt-out however it was made (a stop word, or a lead marked by hand): the phone's waiting
     messages are cancelled and every worker's dispatcher stops sending to it at once, not at its next reload; and
-    what follows taking one back (the dispatchers send to the phone again)."""
+    what follows taking one back (the dispatchers send to the phone again, unless another lead with the phone,
+    of another user, is still opted out: the dispatchers keep opt-outs per phone)."""
 
     def __init__(self, outbox: OptOutOutbox, bus: EventBus) -> None:
         self._outbox = outbox
@@ -49,11 +52,12 @@ class OptOutActions:
 
     async def opted_out(self, phone: str, now: datetime) -> int:
         cancelled = await self._outbox.cancel_for_recipient(phone, OPTED_OUT_REASON, now)
-        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": phone, "opted_out": True}))
+        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": phone}))
         return cancelled
 
     async def opted_back_in(self, phone: str) -> None:
-        await self._bus.publish(BusEvent(OPTED_OUT, {"phone": phone, "opted_out": False}))
+        if not await self._outbox.is_opted_out(phone):
+            await self._bus.publish(BusEvent(OPTED_IN, {"phone": phone}))
 
 
 class OptOutPlugin:

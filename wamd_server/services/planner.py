@@ -67,6 +67,8 @@ class Planned:
 
 
 class CampaignStore(Protocol):
+    async def get(self, campaign_id: UUID, owner: UUID | None) -> Campaign | None: ...
+
     async def with_status(
         self, statuses: Sequence[CampaignStatus], due_by: datetime | None = None
     ) -> list[Campaign]: ...
@@ -88,6 +90,8 @@ class CampaignStore(Protocol):
 
 class OutboxWriter(Protocol):
     async def enqueue(self, messages: Sequence[Any], now: datetime) -> int: ...
+
+    async def cancel_source(self, source_id: UUID, reason: str, now: datetime) -> int: ...
 
     async def tally_many(self, source_ids: Sequence[UUID]) -> dict[UUID, Any]: ...
 
@@ -258,6 +262,8 @@ class CampaignPlanner:
             started_at=self.clock.now(),
             **_waiting_values(ctx.waiting),
         )
+        if not started:
+            await self._settle_if_ended(campaign.id)
         await self._queued(ctx)
         log.info("campaign %s: %d messages queued%s", campaign.id, queued, "" if started else " (state changed)")
         if ctx.waiting:
@@ -277,12 +283,21 @@ class CampaignPlanner:
         ctx = PlanContext(self, campaign, leads_by=campaign.started_at)
         queued = await spec.plan(campaign, ctx)
         self.rr_offset += 1
-        await self.campaigns.transition(
+        if not await self.campaigns.transition(
             campaign.id, [CampaignStatus.RUNNING], self.clock.now(), **_waiting_values(ctx.waiting)
-        )
+        ):
+            await self._settle_if_ended(campaign.id)
         await self._queued(ctx)
         log.info("campaign %s: %d messages queued for leads that waited for a device", campaign.id, queued)
         return ctx.waiting
+
+    async def _settle_if_ended(self, campaign_id: UUID) -> None:
+        """The campaign was cancelled or deleted while it was being planned: what the planning queued after the
+        cancel's own clean-up is cancelled too (else it stayed queued, or went out for a deleted campaign)."""
+        campaign = await self.campaigns.get(campaign_id, None)
+        if campaign is None or campaign.status is CampaignStatus.CANCELLED:
+            reason = "campaign deleted" if campaign is None else "campaign cancelled"
+            await self.outbox.cancel_source(campaign_id, reason, self.clock.now())
 
     async def _queued(self, ctx: PlanContext) -> None:
         if ctx.queued_devices:
@@ -329,7 +344,10 @@ class CampaignPlanner:
                     self._rescued_at[campaign.id] = now
                     await self.rescue(campaign)
                     if waiting:
-                        await self.place_waiting(campaign)
+                        try:
+                            await self.place_waiting(campaign)
+                        except Exception:  # a plugin's or the database's: the other campaigns are followed
+                            log.exception("campaign %s: placing the leads that wait failed", campaign.id)
             tally = tallies[campaign.id]
             numbers = (tally.should_send, tally.done_send, tally.failed_send, tally.remaining_send)
             # (Leads placed just now are counted by the next round, which completes the campaign when all is sent.)

@@ -5,10 +5,12 @@ Every problem is reported as one `ConfigError` line naming the variable; the CLI
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import time
 from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -50,6 +52,8 @@ class Config:
     send_ack_timeout_s: float = 30.0
     db_pool_size: int = 10
     opt_out_words: tuple[str, ...] = ("STOP", "BERHENTI", "UNSUBSCRIBE", "STOP ALL", "BERHENTI LANGGAN")
+    # `{greeting}` texts by language: (local start "HH:MM", text) ascending; languages not given keep the defaults.
+    greetings: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     demo: bool = False
 
     @property
@@ -135,6 +139,39 @@ def _words(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple
     return words
 
 
+def _greetings(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """`WAMD_GREETINGS`: JSON, language -> {"HH:MM": text}, e.g. {"en": {"06:00": "Morning", "17:00": "Evening"}}."""
+    name, raw = "WAMD_GREETINGS", env.get("WAMD_GREETINGS")
+    if raw is None or not raw.strip():
+        return {}
+    example = 'e.g. {"en": {"06:00": "Good morning", "17:00": "Good evening"}}'
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name} is not JSON ({exc.msg}); {example}") from None
+    if not isinstance(parsed, dict) or not parsed:
+        raise ConfigError(f"{name} must map languages to their greetings; {example}")
+    greetings: dict[str, tuple[tuple[str, str], ...]] = {}
+    for language, slots in parsed.items():
+        if not re.match(r"^[a-z]{2,8}$", language):
+            raise ConfigError(f"{name}: {language!r} is not a language code such as ms or en")
+        if not isinstance(slots, dict) or not slots:
+            raise ConfigError(f"{name}: the greetings of {language!r} must map start times to texts; {example}")
+        pairs = []
+        for start, text in slots.items():
+            try:
+                at = time.fromisoformat(start) if re.match(r"^\d{2}:\d{2}$", start) else None
+            except ValueError:
+                at = None
+            if at is None:
+                raise ConfigError(f"{name}: {language} start {start!r} is not a local time HH:MM")
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"{name}: {language} {start} needs a text")
+            pairs.append((start, text.strip()))
+        greetings[language] = tuple(sorted(pairs))
+    return greetings
+
+
 def _timezone(env: Mapping[str, str]) -> ZoneInfo:
     name, raw = "WAMD_TIMEZONE", env.get("WAMD_TIMEZONE")
     if not raw:
@@ -217,5 +254,6 @@ def load_config(env: Mapping[str, str] | None = None, *, demo: bool = False) -> 
         opt_out_words=_words(
             env, "WAMD_OPT_OUT_WORDS", ("STOP", "BERHENTI", "UNSUBSCRIBE", "STOP ALL", "BERHENTI LANGGAN")
         ),
+        greetings=_greetings(env),
         demo=demo,
     )

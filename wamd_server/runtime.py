@@ -67,6 +67,7 @@ from wamd_server.services.optout import OptOutActions, OptOutPlugin
 from wamd_server.services.planner import CampaignPlanner, PlannerLoop
 from wamd_server.services.queue import QueueControl, QueueService
 from wamd_server.services.templates import TemplateService
+from wamd_server.services.templating import DEFAULT_GREETINGS
 from wamd_server.services.templating import render as render_template
 from wamd_server.services.templating import validate as validate_template
 from wamd_server.services.users import UserService
@@ -173,6 +174,7 @@ class Runtime:
         leases = SqlLeaseRepository(self.engine)
         self._users = UserService(user_repo, device_repo)
         self._opt_outs = OptOutActions(SqlOutboxRepository(self.engine), self.bus)
+        self._greetings = DEFAULT_GREETINGS.with_texts(cfg.greetings)
         if (
             cfg.admin_email
             and cfg.admin_password
@@ -230,7 +232,11 @@ class Runtime:
                 opt_outs=self._opt_outs,
             ),
             templates=TemplateService(
-                SqlLeadRepository(self.engine), clock, cfg.timezone, phone_region=cfg.phone_region
+                SqlLeadRepository(self.engine),
+                clock,
+                cfg.timezone,
+                greetings=self._greetings,
+                phone_region=cfg.phone_region,
             ),
             media=media_service,
             campaigns=CampaignService(
@@ -340,7 +346,9 @@ class Runtime:
         return self._types
 
     def _render(self, template: str, lead: Lead, at: datetime, rng: random.Random, language: str) -> str:
-        return render_template(template, lead, now=at, tz=self.config.timezone, language=language, rng=rng)
+        return render_template(
+            template, lead, now=at, tz=self.config.timezone, language=language, rng=rng, greetings=self._greetings
+        )
 
     @staticmethod
     def _media_visible(service: MediaService) -> Callable[[User, UUID], Awaitable[bool]]:

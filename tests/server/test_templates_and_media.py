@@ -110,6 +110,17 @@ async def test_preview_with_an_inline_lead_or_none(server: Server) -> None:
     assert out["text"] == "{x}" and "custom field" in out["warnings"][0]["message"]
 
 
+async def test_greeting_texts_come_from_the_configuration(make_server: ServerFactory, tmp_path: Path) -> None:
+    texts = '{"en": {"06:00": "Morning", "17:00": "Evening"}}'
+    server = await make_server(f"sqlite+aiosqlite:///{tmp_path / 'greet.db'}", WAMD_GREETINGS=texts)
+    body = {"template": "{greeting}", "language": "en", "at": "2024-06-03T13:00:00Z"}  # 21:00 in Kuala Lumpur
+    assert (await server.ok("POST", PREVIEW, json=body))["text"] == "Evening"
+    body["at"] = "2024-06-03T02:00:00Z"  # 10:00
+    assert (await server.ok("POST", PREVIEW, json=body))["text"] == "Morning"
+    body["language"] = "ms"  # not configured: the defaults
+    assert (await server.ok("POST", PREVIEW, json=body))["text"] == "Selamat pagi"
+
+
 async def test_preview_of_a_lead_the_caller_may_not_see_is_not_found(server: Server) -> None:
     owner_id, _ = await server.create_user("owner@example.com")
     _, other = await server.create_user("other@example.com")

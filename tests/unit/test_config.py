@@ -230,3 +230,26 @@ def test_overrides_keep_the_rest(tmp_path: Path) -> None:
     moved = cfg.with_overrides(port=5000, host="0.0.0.0")
     assert (moved.port, moved.host, moved.database_url) == (5000, "0.0.0.0", cfg.database_url)
     assert cfg.port == 4000
+
+
+def test_greetings(tmp_path: Path) -> None:
+    assert config(tmp_path).greetings == {}
+    cfg = config(tmp_path, WAMD_GREETINGS='{"en": {"17:00": "Evening, ", "06:00": "Morning"}, "id": {"00:00": "Halo"}}')
+    assert cfg.greetings == {"en": (("06:00", "Morning"), ("17:00", "Evening,")), "id": (("00:00", "Halo"),)}
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("{en: x}", "is not JSON"),
+        ("[]", "must map languages"),
+        ('{"English": {"06:00": "Hi"}}', "is not a language code"),
+        ('{"en": {}}', "must map start times to texts"),
+        ('{"en": {"6am": "Hi"}}', "is not a local time HH:MM"),
+        ('{"en": {"24:00": "Hi"}}', "is not a local time HH:MM"),
+        ('{"en": {"06:00": " "}}', "needs a text"),
+    ],
+)
+def test_bad_greetings(tmp_path: Path, value: str, says: str) -> None:
+    message = config_error(tmp_path, WAMD_GREETINGS=value)
+    assert message.startswith("WAMD_GREETINGS") and says in message

@@ -141,6 +141,12 @@ class Greetings:
     def fallback_name(self, language: str | None = None) -> str:
         return self.name_fallback.get(self.language(language), "")
 
+    def with_texts(self, texts: Mapping[str, Sequence[tuple[str, str]]]) -> Greetings:
+        """These greetings with the slots of the languages in `texts` ((local start "HH:MM", text) pairs)
+        replaced or added (`WAMD_GREETINGS`)."""
+        slots = {**self.slots, **{language: _slots(*pairs) for language, pairs in texts.items()}}
+        return Greetings(slots, self.name_fallback, self.default_language)
+
 
 DEFAULT_GREETINGS = Greetings(
     slots={

@@ -107,6 +107,61 @@ async def test_a_ban_pauses_the_device_queue_at_once(server: Server) -> None:
     assert (report["done_send"], report["remaining_send"]) == (0, 2)
 
 
+async def test_a_logout_pauses_the_queue_until_the_device_is_paired_again(server: Server) -> None:
+    [device] = await linked_devices(server, 1)
+    ws = await server.ws()
+    await server.sim("POST", "/unlink", {"phone": device["phone"]})  # logged out from the phone
+    await ws.wait_event("device.status", device["id"], lambda e: e["status"] == "logged_out")
+
+    async def paused() -> bool:
+        rows = (await server.ok("GET", "/api/queue"))["items"]
+        return any(r["device_id"] == device["id"] and r["pause_kind"] == "logout" for r in rows)
+
+    await eventually(paused)
+    queue = next(r for r in (await server.ok("GET", "/api/queue"))["items"] if r["device_id"] == device["id"])
+    assert queue["paused_reason"] == "the device was logged out; pair it again"
+    leads = await make_leads(server, 2, [device])
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "After logout", "message": "Hi {name}"})
+    report_path = f"/api/campaigns/{campaign['id']}/report"
+
+    async def planned() -> bool:
+        return (await server.ok("GET", report_path))["should_send"] == 2
+
+    await eventually(planned)
+    assert (await server.ok("GET", report_path))["done_send"] == 0
+
+    await server.pair_by_qr(device["id"], device["phone"], ws)  # paired again: the pause lifts itself
+
+    async def sent() -> bool:
+        return (await server.ok("GET", report_path))["done_send"] == 2
+
+    await eventually(sent)
+    queue = next(r for r in (await server.ok("GET", "/api/queue"))["items"] if r["device_id"] == device["id"])
+    assert queue["paused_reason"] is None
+    for lead in leads:
+        assert len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
+
+
+async def test_a_message_that_keeps_failing_is_given_up_after_five_attempts(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    # The retries wait 30 s, 2, 10 and 30 minutes: 42.5 minutes pass in about 4 s here.
+    server = await make_server(database_url, clock=AcceleratedClock(600))
+    [device] = await linked_devices(server, 1)
+    [lead] = await make_leads(server, 1, [device])
+    await server.sim("POST", "/faults", {"phone": device["phone"], "fail_rate": 1.0})
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Doomed", "message": "Hi"})
+    report_path = f"/api/campaigns/{campaign['id']}/report"
+
+    async def failed() -> bool:
+        return (await server.ok("GET", report_path))["failed_send"] == 1
+
+    await eventually(failed, timeout=30)
+    [row] = (await server.ok("GET", f"/api/campaigns/{campaign['id']}/recipients?status=failed"))["items"]
+    assert row["attempts"] == 5 and row["error"].startswith("gave up after 5 attempts: "), row
+    assert (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] == []
+
+
 async def test_opted_out_leads_receive_nothing(server: Server) -> None:
     devices = await linked_devices(server, 1)
     leads = await make_leads(server, 3, devices)

@@ -65,6 +65,7 @@ from wamd_server.services.leads import LeadService
 from wamd_server.services.media import MediaService
 from wamd_server.services.optout import OptOutActions, OptOutPlugin
 from wamd_server.services.planner import CampaignPlanner, PlannerLoop
+from wamd_server.services.plugin_outbox import PluginOutbox
 from wamd_server.services.queue import QueueControl, QueueService
 from wamd_server.services.templates import TemplateService
 from wamd_server.services.templating import DEFAULT_GREETINGS
@@ -278,7 +279,7 @@ class Runtime:
         self.transport = await self._build_transport(SqlSessionStore(self.engine))
         held: set[UUID] = set()
         messages = SqlMessageRepository(self.engine)
-        hooks = HookCaller(self.plugins)
+        hooks = HookCaller(self.plugins, PluginOutbox(SqlOutboxRepository(self.engine), NewMessage, self.bus, clock))
         self.pool = DevicePool(
             transport=self.transport,
             devices=device_repo,

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import EVENT_TIMEOUT, TEST_SIM, Server, ServerFactory, server_env
+from tests.conftest import EVENT_TIMEOUT, TEST_SIM, Server, ServerFactory, eventually, server_env
 from wamd_server.config import ConfigError, load_config
+from wamd_server.domain.errors import InvalidInput
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage
 from wamd_server.infra.whatsapp.sim import SimTransport
 from wamd_server.infra.whatsapp.sim_link import InProcessLinks
@@ -249,6 +250,54 @@ async def test_status_and_message_hooks_see_a_pairing_and_a_message_despite_a_br
     assert any("wamd_message_received" in m for m in failed)
     metrics = (await server.call("GET", "/metrics")).body
     assert re.search(r'^wamd_plugin_failures\{plugin="raiser"\} 4\.0$', metrics, re.MULTILINE), metrics
+
+
+class AutoReply(Named):
+    """Answers "price" with a link, once per contact (the key), without the device's gap (as typed by hand)."""
+
+    def __init__(self) -> None:
+        super().__init__("auto-reply")
+        self.answers: list[bool | str] = []
+
+    @hookimpl
+    async def wamd_message_received(self, device: Device, message: InboundMessage, ctx: Any) -> None:
+        if message.from_me or not message.sender_phone:
+            return
+        if "price" in message.text.lower():
+            text = "Prices: https://x.example/p?a=1&b=2"
+            key = f"price:{message.sender_phone}"
+            self.answers.append(await ctx.send(device.id, message.sender_phone, text, key, paced=False))
+        elif message.text == "bad":
+            try:
+                await ctx.send(device.id, "not a phone", "x", "bad")
+            except InvalidInput as exc:
+                self.answers.append(str(exc))
+
+
+async def test_a_plugin_sends_through_the_outbox_once_per_key(make_server: ServerFactory, database_url: str) -> None:
+    plugin = AutoReply()
+    server = await make_server(database_url, plugins=[plugin])
+    ws = await server.ws()
+    device = await server.create_device("Replies")
+    await server.pair_by_qr(device["id"], "60123000403", ws)
+    for text in ("price?", "PRICE please", "bad"):
+        await server.sim("POST", "/send", {"from_phone": CONTACT, "to_phone": "60123000403", "text": text})
+
+    async def answered() -> bool:
+        return len(plugin.answers) == 3
+
+    await eventually(answered)
+    # The second question has the same key: nothing more was queued. Bad input is a clear error.
+    assert plugin.answers == [True, False, "not a phone number: 'not a phone'"]
+    chat = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
+
+    async def replied() -> bool:
+        return any(m["from_me"] for m in (await server.ok("GET", chat))["items"])
+
+    await eventually(replied)
+    inbox = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
+    assert [m["text"] for m in inbox] == ["Prices: https://x.example/p?a=1&b=2"]
+    assert [m["text"] for m in (await server.ok("GET", chat))["items"] if m["from_me"]] == [inbox[0]["text"]]
 
 
 # --- hooks with no core caller yet, through PluginHost --------------------------------------------------------

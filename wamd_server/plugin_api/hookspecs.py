@@ -70,13 +70,18 @@ def wamd_before_send(item: Any) -> Any:
 
 
 @hookspec
-def wamd_message_received(device: Any, message: Any) -> Any:
+def wamd_message_received(device: Any, message: Any, ctx: Any) -> Any:
     """A message reached one of our devices and was stored.
 
     ``device`` is the :class:`~wamd_server.domain.models.Device`, ``message`` the
     :class:`~wamd_server.domain.models.InboundMessage` (fixed fields). Called after the database commit, once per
     message (a redelivered message id is not reported again). Also called for messages our own account sent from the
     phone (``message.from_me``).
+
+    ``ctx`` (accept it only if needed) sends messages through the outbox, paced like any other, once per key:
+    ``await ctx.send(device.id, message.sender_phone, "Thanks, we will call you", key=f"thanks:{message.wa_id}")``
+    (see :class:`~wamd_server.services.plugin_outbox.PluginOutbox` for ``at``, ``paced`` and ``user_id``). It
+    returns False when the key was used already; bad input raises ``InvalidInput``.
     """
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboxItem
 from wamd_server.plugin_api.manager import PluginHost
+from wamd_server.services.plugin_outbox import PluginOutbox
 
 
 class HookCaller:
-    def __init__(self, host: PluginHost) -> None:
+    def __init__(self, host: PluginHost, outbox: PluginOutbox | None = None) -> None:
         self.host = host
+        self.outbox = outbox  # what plugins send with (`services/plugin_outbox.py`), given to them as `ctx`
 
     async def device_status_changed(self, device: Device, old: DeviceStatus, new: DeviceStatus) -> None:
         await self.host.call("wamd_device_status_changed", device=device, old=old, new=new)
 
     async def message_received(self, device: Device, message: InboundMessage) -> None:
-        await self.host.call("wamd_message_received", device=device, message=message)
+        await self.host.call("wamd_message_received", device=device, message=message, ctx=self.outbox)
 
     async def before_send(self, item: OutboxItem) -> str | None:
         """The veto reason of the first plugin that vetoes `item` (False or a reason string), else None."""

@@ -68,8 +68,7 @@ from wamd_server.services.planner import CampaignPlanner, PlannerLoop
 from wamd_server.services.plugin_outbox import PluginOutbox
 from wamd_server.services.queue import QueueControl, QueueService
 from wamd_server.services.templates import TemplateService
-from wamd_server.services.templating import DEFAULT_GREETINGS
-from wamd_server.services.templating import render as render_template
+from wamd_server.services.templating import DEFAULT_GREETINGS, render_with_greeting
 from wamd_server.services.templating import validate as validate_template
 from wamd_server.services.users import UserService
 from wamd_server.services.watchdog import WatchdogSettings
@@ -310,6 +309,7 @@ class Runtime:
                 else None
             ),
             repair_history=self._history is not None,
+            greetings=self._greetings,
         )
         self.pool.status_listeners.append(self.dispatcher.device_status)
         self.plugins.register(
@@ -346,8 +346,10 @@ class Runtime:
             self._types = found
         return self._types
 
-    def _render(self, template: str, lead: Lead, at: datetime, rng: random.Random, language: str) -> str:
-        return render_template(
+    def _render(
+        self, template: str, lead: Lead, at: datetime, rng: random.Random, language: str
+    ) -> tuple[str, str | None]:
+        return render_with_greeting(
             template, lead, now=at, tz=self.config.timezone, language=language, rng=rng, greetings=self._greetings
         )
 

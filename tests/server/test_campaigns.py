@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import delete
@@ -160,6 +161,42 @@ async def test_a_message_that_keeps_failing_is_given_up_after_five_attempts(
     [row] = (await server.ok("GET", f"/api/campaigns/{campaign['id']}/recipients?status=failed"))["items"]
     assert row["attempts"] == 5 and row["error"].startswith("gave up after 5 attempts: "), row
     assert (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] == []
+
+
+async def test_a_greeting_is_that_of_the_moment_the_message_is_sent(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    # A paced campaign launched at 11:59 (Kuala Lumpur) whose second message goes out two minutes later: that one
+    # says good afternoon, though both were written at the launch. Two minutes pass in two seconds here.
+    kl = ZoneInfo("Asia/Kuala_Lumpur")
+    clock = AcceleratedClock(60, start=datetime(2026, 12, 1, 11, 55, tzinfo=kl).astimezone(UTC))
+    server = await make_server(database_url, clock=clock)
+    [device] = await linked_devices(server, 1)
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"min_delay_s": 120, "max_delay_s": 120})
+    leads = await make_leads(server, 2, [device])
+    launch = datetime(2026, 12, 1, 11, 59, tzinfo=kl)
+    assert clock.now() < launch, "setting up took too long for this test's timeline"
+    body = {
+        "title": "Greeted",
+        "message": "{greeting} {name}, https://x.example/a?b=1",
+        "scheduled_at": launch.isoformat(),
+    }
+    campaign = await server.ok("POST", "/api/campaigns", json=body)
+
+    async def both_sent() -> bool:
+        return (await server.ok("GET", f"/api/campaigns/{campaign['id']}/report"))["done_send"] == 2
+
+    await eventually(both_sent, timeout=30)
+    sent = (await server.ok("GET", f"/api/campaigns/{campaign['id']}/recipients?status=sent"))["items"]
+    by_lead = {r["lead_id"]: datetime.fromisoformat(r["sent_at"]).astimezone(kl) for r in sent}
+    for lead in leads:
+        [message] = (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]
+        at = by_lead[lead["id"]]
+        greeting = "Selamat pagi" if at.hour < 12 else "Selamat tengah hari"
+        assert message["text"] == f"{greeting} {lead['name']}, https://x.example/a?b=1", (message, at)
+        chat = f"/api/devices/{device['id']}/chats/{lead['phone'].lstrip('+')}@s.whatsapp.net/messages"
+        assert [m["text"] for m in (await server.ok("GET", chat))["items"]] == [message["text"]]
+    assert max(by_lead.values()).hour == 12  # the second went out after noon, greeting as it should
 
 
 async def test_opted_out_leads_receive_nothing(server: Server) -> None:

@@ -17,7 +17,9 @@ from wamd_server.services.templating import (
     Greetings,
     GreetingSlot,
     placeholders,
+    regreet,
     render,
+    render_with_greeting,
     seeded_rng,
     validate,
 )
@@ -326,3 +328,45 @@ def test_placeholders_lists_every_key_once() -> None:
         "first_name",
         "company_name",
     ]
+
+
+# --- the greeting of the send -----------------------------------------------------------------------------
+
+MORNING_KL = datetime(2024, 6, 3, 1, 0, tzinfo=UTC)  # 09:00 in Kuala Lumpur
+EVENING_KL = datetime(2024, 6, 3, 12, 0, tzinfo=UTC)  # 20:00
+
+
+def test_a_greeting_is_put_in_again_at_the_send_and_nothing_else_moves() -> None:
+    lead = FakeLead(name="Ali \x02 Selamat pagi")  # a name holding the mark and a greeting stays as it is
+    template = "{greeting} {name}! {Hi|Hello}, kod 0123 https://x.my/?a=1 {greeting}."
+    text, where = render_with_greeting(template, lead, now=MORNING_KL, tz=KL, rng=random.Random(4))  # type: ignore[arg-type]
+    assert text == r(template, lead, seed=4, now=MORNING_KL).replace("\x02", "")  # as `render` would write it
+    assert where is not None and where.startswith("ms:12:")
+    evening = regreet(text, where, EVENING_KL, KL)
+    assert evening == text.replace("Selamat pagi", "Selamat malam", 1).replace(
+        "https://x.my/?a=1 Selamat pagi", "https://x.my/?a=1 Selamat malam"
+    )
+    assert "Ali  Selamat pagi!" in evening  # the name untouched
+    assert regreet(text, where, MORNING_KL, KL) is text  # the same greeting: the same text
+
+
+def test_texts_without_a_greeting_or_changed_since_are_left_alone() -> None:
+    assert render_with_greeting("Hi {name}", FakeLead(), now=MORNING_KL, tz=KL)[1] is None  # type: ignore[arg-type]
+    assert render_with_greeting("{{greeting}}", FakeLead(), now=MORNING_KL, tz=KL) == ("{greeting}", None)  # type: ignore[arg-type]
+    # In a spintax option not chosen: nothing to put in again.
+    texts = {
+        render_with_greeting("{Hey|{greeting}} x", None, now=MORNING_KL, tz=KL, rng=random.Random(n)) for n in range(20)
+    }
+    assert texts == {("Selamat pagi x", "ms:12:0"), ("Hey x", None)}
+    text, where = render_with_greeting("{greeting} {name}", FakeLead(), now=MORNING_KL, tz=KL)  # type: ignore[arg-type]
+    assert where is not None
+    edited = "Hello " + text  # a plugin edited the text: the places no longer hold the greeting
+    assert regreet(edited, where, EVENING_KL, KL) is edited
+    assert regreet(text, "nonsense", EVENING_KL, KL) is text
+
+
+def test_the_configured_greetings_are_used_at_the_send() -> None:
+    greetings = DEFAULT_GREETINGS.with_texts({"en": (("06:00", "Morning"), ("18:00", "Evening"))})
+    text, where = render_with_greeting("{greeting}!", None, now=MORNING_KL, tz=KL, language="en", greetings=greetings)
+    assert (text, where) == ("Morning!", "en:7:0")
+    assert regreet(text, where, EVENING_KL, KL, greetings) == "Evening!"

@@ -201,6 +201,7 @@ class OutboxItem:
     max_delay_s: float | None = None
     sent_at: datetime | None = None
     seq: int = 0  # enqueue order among messages due at the same time
+    greeting: str | None = None  # where `text` holds a greeting to be that of the send (`templating.regreet`)
 
 
 class CampaignStatus(enum.StrEnum):

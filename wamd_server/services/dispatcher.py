@@ -33,6 +33,7 @@ from wamd_server.services.deadlines import Deadlines
 from wamd_server.services.optout import OPTED_OUT_REASON
 from wamd_server.services.pacing import PacingRules, SendAllowance, SendHistory, next_send_at
 from wamd_server.services.queue import QueueControl
+from wamd_server.services.templating import Greetings, regreet
 
 T = TypeVar("T")
 
@@ -206,6 +207,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         locked: LockedBatchSource | None = None,
         repair_history: bool = False,
+        greetings: Greetings | None = None,
     ) -> None:
         self.outbox = outbox
         self.locked = locked  # None: unpaced batches are claimed `sending` too (SQLite)
@@ -217,6 +219,7 @@ class Dispatcher:
         self.transport = transport
         self.clock = clock
         self.tz = tz
+        self.greetings = greetings  # `{greeting}` texts (None: the defaults)
         self.veto = veto
         self.suspect = suspect
         self.load_media = load_media
@@ -521,6 +524,8 @@ class Lane:
                     await self.results.cancelled(item.id, OPTED_OUT_REASON, d.clock.now())
                     del self.claimed[item.id]
                     continue
+                if item.greeting is not None:  # the greeting of now, not of when the message was queued
+                    message.text = item.text = regreet(item.text, item.greeting, d.clock.now(), d.tz, d.greetings)
                 outcome = await self._send(item, message, loaded_text)
                 del self.claimed[item.id]
                 if outcome.sent is not None:

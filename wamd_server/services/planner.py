@@ -64,6 +64,7 @@ class Planned:
     lead: Lead
     device_id: UUID
     text: str
+    greeting: str | None = None  # where `text` holds its greeting, put in again at the send
 
 
 class CampaignStore(Protocol):
@@ -111,7 +112,8 @@ class DistributionReports(Protocol):
     async def distribution_report(self, campaign_id: UUID, plugin: str) -> dict[str, Any] | None: ...
 
 
-Render = Callable[[str, Lead, datetime, random.Random, str], str]  # template, lead, at, rng, language
+# template, lead, at, rng, language -> text, where the text holds its greeting (`templating.render_with_greeting`)
+Render = Callable[[str, Lead, datetime, random.Random, str], tuple[str, str | None]]
 DevicesOf = Callable[[Campaign], Awaitable[list[Device]]]
 NewMessageFactory = Callable[..., Any]
 
@@ -173,9 +175,12 @@ class PlanContext:
         await self._planner.outbox.save_distribution_report(self.campaign.id, plugin, report, self._planner.clock.now())
 
     def planned(self, lead: Lead, device_id: UUID) -> Planned:
-        return Planned(lead, device_id, self.render(lead))
+        return Planned(lead, device_id, *self._rendered(lead))
 
     def render(self, lead: Lead) -> str:
+        return self._rendered(lead)[0]
+
+    def _rendered(self, lead: Lead) -> tuple[str, str | None]:
         c = self.campaign
         rng = random.Random(f"{c.id}:{lead.id}")  # the same lead always gets the same rendering
         return self._planner.render(c.message, lead, c.scheduled_at, rng, str(c.options.get("language", "ms")))
@@ -196,6 +201,7 @@ class PlanContext:
                 source_id=c.id,
                 min_delay_s=c.min_delay_s,
                 max_delay_s=c.max_delay_s,
+                greeting=p.greeting,
             )
             for p in planned
         ]

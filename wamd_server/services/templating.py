@@ -138,6 +138,9 @@ class Greetings:
             raise ValueError("now must be timezone-aware")
         return self.text_at(now.astimezone(tz).time(), language)
 
+    def texts(self, language: str | None = None) -> frozenset[str]:
+        return frozenset(slot.text for slot in self.slots[self.language(language)])
+
     def fallback_name(self, language: str | None = None) -> str:
         return self.name_fallback.get(self.language(language), "")
 
@@ -335,6 +338,7 @@ class _Context:
     greetings: Greetings
     name_fallback: str | None
     mark_empty: bool
+    greeting_mark: str | None = None  # rendered in place of `{greeting}` (see `render_with_greeting`)
     _fields: dict[str, str] | None = None
 
     def fields(self) -> dict[str, str]:
@@ -359,7 +363,7 @@ class _Context:
             digits = (self.lead.phone if self.lead is not None else "").strip().lstrip("+")
             return f"+{digits}" if digits else ""
         if key == "greeting":
-            return self.greetings.greeting(self.now, self.tz, self.language)
+            return self.greeting_mark or self.greetings.greeting(self.now, self.tz, self.language)
         return self.fields().get(key)
 
 
@@ -374,6 +378,8 @@ def _render_nodes(nodes: Sequence[_Node], ctx: _Context, out: list[str]) -> None
             value = ctx.value(key) if key is not None else None
             if value is not None:
                 value = value.replace("\x00", "")
+                if ctx.greeting_mark and key != "greeting":
+                    value = value.replace(ctx.greeting_mark, "")
                 out.append(value if value or not ctx.mark_empty else _EMPTY)
             elif key is not None:  # unknown placeholder: exactly as written
                 out.append(ctx.template[node.start : node.end + 1])
@@ -393,6 +399,7 @@ def render(
     rng: random.Random | None = None,
     greetings: Greetings | None = None,
     name_fallback: str | None = None,
+    greeting_mark: str | None = None,
 ) -> str:
     """The message for `lead` at the instant `now` (timezone-aware; greetings use its local time in `tz`).
 
@@ -412,6 +419,7 @@ def render(
         greetings=chosen,
         name_fallback=name_fallback,
         mark_empty=_EMPTY not in template,
+        greeting_mark=greeting_mark,
     )
     out: list[str] = []
     _render_nodes(_parse(template).nodes, ctx, out)
@@ -419,6 +427,62 @@ def render(
     if ctx.mark_empty and _EMPTY in text:
         text = _EMPTY_AT_LINE_START.sub("", _EMPTY_BEFORE_BREAK.sub("", text)).replace(_EMPTY, "")
     return text
+
+
+_GREETING_MARK = "\x02"
+
+
+def render_with_greeting(
+    template: str,
+    lead: TemplateLead | None,
+    *,
+    now: datetime,
+    tz: ZoneInfo,
+    language: str = "ms",
+    rng: random.Random | None = None,
+    greetings: Greetings | None = None,
+) -> tuple[str, str | None]:
+    """`render`, and where the text holds its greeting, for `regreet`: "<language>:<length>:<start>,<start>…"
+    (None: no greeting). A message queued now and sent hours later then greets with the time it is sent."""
+    chosen = greetings or DEFAULT_GREETINGS
+    if "greeting" not in template or _GREETING_MARK in template:
+        return render(template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen), None
+    marked = render(
+        template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen, greeting_mark=_GREETING_MARK
+    )
+    if _GREETING_MARK not in marked:  # `greeting` was text, or in a spintax option not chosen
+        return marked, None
+    lang = chosen.language(language)
+    greeting = chosen.greeting(now, tz, lang)
+    parts = marked.split(_GREETING_MARK)
+    starts, at = [], len(parts[0])
+    for part in parts[1:]:
+        starts.append(at)
+        at += len(greeting) + len(part)
+    return greeting.join(parts), f"{lang}:{len(greeting)}:" + ",".join(map(str, starts))
+
+
+def regreet(text: str, where: str, now: datetime, tz: ZoneInfo, greetings: Greetings | None = None) -> str:
+    """`text` (from `render_with_greeting`) with the greeting of the instant `now`; the same string when that is
+    the greeting it holds, or when the text no longer holds a greeting at those places (edited since)."""
+    chosen = greetings or DEFAULT_GREETINGS
+    try:
+        language, length_text, starts_text = where.split(":")
+        length, starts = int(length_text), [int(s) for s in starts_text.split(",")]
+    except ValueError:
+        return text
+    old = text[starts[0] : starts[0] + length]
+    if old not in chosen.texts(language) or any(text[s : s + length] != old for s in starts):
+        return text
+    new = chosen.greeting(now, tz, language)
+    if new == old:
+        return text
+    pieces, last = [], 0
+    for start in starts:
+        pieces += [text[last:start], new]
+        last = start + length
+    pieces.append(text[last:])
+    return "".join(pieces)
 
 
 # --- inspection ------------------------------------------------------------------------------------------

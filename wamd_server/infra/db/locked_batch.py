@@ -36,7 +36,7 @@ from wamd_server.infra.db.outbox import HELD_CAMPAIGNS, NEXT_DUE_PG, execute_rec
 LOCK_DUE_PG = """
 SELECT o.id, o.device_id, o.recipient, o.text, o.source_kind, o.source_key, o.wa_message_id, o.status,
     o.scheduled_at, o.user_id, o.lead_id, o.media_id, o.source_id, o.attempts + 1, o.last_error, o.min_delay_s,
-    o.max_delay_s, o.sent_at, o.seq
+    o.max_delay_s, o.sent_at, o.seq, o.greeting
 FROM outbox_due d JOIN outbox o ON o.id = d.id
 WHERE d.device_id = %(device)s AND d.scheduled_at <= %(now)s AND o.status = %(queued)s AND o.device_id = %(device)s
   AND (d.source_id IS NULL OR d.source_id NOT IN (SELECT id FROM campaigns WHERE status = ANY(%(held)s::text[])))

@@ -64,7 +64,7 @@ WHERE id IN (
     FOR UPDATE OF o SKIP LOCKED
 )
 RETURNING id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
-    lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq
+    lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq, greeting
 """
 CLAIM_COLUMNS = tuple(name.strip() for name in _CLAIM_PG.rsplit("RETURNING", 1)[1].split(","))
 # Marking a batch sent: one statement instead of one per row (executemany); the rows' own times travel as arrays
@@ -101,16 +101,17 @@ _ENQUEUE_PG = """
 WITH new AS (
 INSERT INTO outbox (id, seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id,
                     source_key, wa_message_id, status, attempts, scheduled_at, min_delay_s, max_delay_s, created_at,
-                    updated_at)
+                    updated_at, greeting)
 SELECT gen_random_uuid(), r.seq, r.user_id, r.device_id, r.lead_id, r.recipient, r.text, r.media_id, r.source_kind,
        r.source_id, r.source_key, r.wa_message_id, %(queued)s, 0, r.scheduled_at, r.min_delay_s, r.max_delay_s,
-       %(now)s, %(now)s
+       %(now)s, %(now)s, r.greeting
 FROM unnest(%(seq)b::bigint[], %(user_id)b::uuid[], %(device_id)b::uuid[], %(lead_id)b::uuid[],
             %(recipient)b::text[], %(text)b::text[], %(media_id)b::uuid[], %(source_kind)b::text[],
             %(source_id)b::uuid[], %(source_key)b::text[], %(wa_message_id)b::text[],
-            %(scheduled_at)b::timestamptz[], %(min_delay_s)b::float8[], %(max_delay_s)b::float8[])
+            %(scheduled_at)b::timestamptz[], %(min_delay_s)b::float8[], %(max_delay_s)b::float8[],
+            %(greeting)b::text[])
      AS r(seq, user_id, device_id, lead_id, recipient, text, media_id, source_kind, source_id, source_key,
-          wa_message_id, scheduled_at, min_delay_s, max_delay_s)
+          wa_message_id, scheduled_at, min_delay_s, max_delay_s, greeting)
 ON CONFLICT (source_key) DO NOTHING
 RETURNING id, device_id, source_id, scheduled_at, seq
 )
@@ -155,7 +156,8 @@ def item_from_tuple(row: Sequence[Any]) -> OutboxItem:
     (times in the session's zone, where SQLAlchemy's column type gives UTC). Built field by field with the enums
     looked up in dicts: it runs for every message sent, and the generic path was 5 % of a broadcast's CPU."""
     (item_id, device_id, recipient, text, source_kind, source_key, wa_message_id, status, scheduled_at, user_id,
-     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq) = row  # fmt: skip
+     lead_id, media_id, source_id, attempts, last_error, min_delay_s, max_delay_s, sent_at, seq,
+     greeting) = row  # fmt: skip
     return OutboxItem(
         id=item_id,
         device_id=device_id,
@@ -176,6 +178,7 @@ def item_from_tuple(row: Sequence[Any]) -> OutboxItem:
         max_delay_s=max_delay_s,
         sent_at=None if sent_at is None else sent_at.astimezone(UTC),
         seq=seq,
+        greeting=greeting,
     )
 
 
@@ -200,6 +203,7 @@ class NewMessage:
     source_id: UUID | None = None
     min_delay_s: float | None = None
     max_delay_s: float | None = None
+    greeting: str | None = None  # where `text` holds its greeting (`templating.render_with_greeting`)
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,7 @@ class SqlOutboxRepository:
                     "scheduled_at": [m.scheduled_at for m in chunk],
                     "min_delay_s": [m.min_delay_s for m in chunk],
                     "max_delay_s": [m.max_delay_s for m in chunk],
+                    "greeting": [m.greeting for m in chunk],
                 }
                 async with driver_connection(self._engine) as pg:
                     created += (await pg.execute(_ENQUEUE_PG, params)).rowcount
@@ -322,6 +327,7 @@ class SqlOutboxRepository:
                     "scheduled_at": m.scheduled_at,
                     "min_delay_s": m.min_delay_s,
                     "max_delay_s": m.max_delay_s,
+                    "greeting": m.greeting,
                     "created_at": now,
                     "updated_at": now,
                 }

@@ -255,6 +255,8 @@ outbox = Table(
     Column("read_at", UtcDateTime),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Where `text` holds a `{greeting}`, put in again when the message is sent (`templating.regreet`).
+    Column("greeting", Text),
     # No index holds `status` or the times a send sets: settling a row (`sent`, `failed`, ...) is then an update
     # Postgres writes on the row's own page without a new entry in any index (HOT; fillfactor 50, migration
     # 0007). Finding due rows and a device's recent sends, which needed such indexes, goes through the next two

@@ -11,13 +11,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 
 from tests.conftest import Server, ServerFactory, eventually, truncate_all
-from wamd_server.infra.db.tables import messages
+from wamd_server.infra.db.engine import create_engine
+from wamd_server.infra.db.tables import messages, outbox
 from wamd_server.services import campaigns as campaign_service
 from wamd_server.services.clock import AcceleratedClock, SystemClock
 from wamd_server.services.queue import QueueControl
+from wamd_server.sim.network import SimNetwork
 
 FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
 
@@ -197,6 +199,51 @@ async def test_a_greeting_is_that_of_the_moment_the_message_is_sent(
         chat = f"/api/devices/{device['id']}/chats/{lead['phone'].lstrip('+')}@s.whatsapp.net/messages"
         assert [m["text"] for m in (await server.ok("GET", chat))["items"]] == [message["text"]]
     assert max(by_lead.values()).hour == 12  # the second went out after noon, greeting as it should
+
+
+async def test_messages_left_sending_by_a_crash_go_out_again_with_their_ids(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    network = SimNetwork()
+    first = await make_server(database_url, sim_network=network)
+    [device] = await linked_devices(first, 1)
+    # Paced: one message now, the next an hour later; the rest wait in the queue.
+    await first.ok("PATCH", f"/api/devices/{device['id']}", json={"min_delay_s": 3600, "max_delay_s": 3600})
+    leads = await make_leads(first, 3, [device])
+    campaign = await first.ok("POST", "/api/campaigns", json={"title": "Crash", "message": "Hi {name}"})
+    report_path = f"/api/campaigns/{campaign['id']}/report"
+
+    async def one_sent() -> bool:
+        return (await first.ok("GET", report_path))["done_send"] == 1
+
+    await eventually(one_sent)
+    await first.ok("PATCH", f"/api/devices/{device['id']}", json=FAST)
+    await first.close()
+    # What a crash between claiming and recording leaves: the rows claimed `sending` (maybe sent, maybe not).
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            claimed = (
+                await conn.execute(
+                    update(outbox)
+                    .where(outbox.c.device_id == uuid.UUID(device["id"]), outbox.c.status == "queued")
+                    .values(status="sending", attempts=outbox.c.attempts + 1)
+                    .returning(outbox.c.recipient, outbox.c.wa_message_id)
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert len(claimed) == 2
+
+    second = await make_server(database_url, sim_network=network)  # the device reconnects with its session
+
+    async def all_sent() -> bool:
+        return (await second.ok("GET", report_path))["done_send"] == 3
+
+    await eventually(all_sent)
+    for recipient, wa_id in claimed:  # sent again, with the id each had when the crash came
+        assert [m["wa_id"] for m in network.inbox(recipient)] == [wa_id]
+    assert all(len(network.inbox(lead["phone"])) == 1 for lead in leads)
 
 
 async def test_opted_out_leads_receive_nothing(server: Server) -> None:

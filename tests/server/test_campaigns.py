@@ -246,6 +246,22 @@ async def test_messages_left_sending_by_a_crash_go_out_again_with_their_ids(
     assert all(len(network.inbox(lead["phone"])) == 1 for lead in leads)
 
 
+async def test_typing_shows_before_each_paced_send(make_server: ServerFactory, database_url: str) -> None:
+    server = await make_server(database_url, clock=AcceleratedClock(20))
+    paced, unpaced = await linked_devices(server, 2)  # typing off for both
+    await server.ok("PATCH", f"/api/devices/{paced['id']}", json={"min_delay_s": 2, "max_delay_s": 2, "typing": True})
+    await make_leads(server, 4, [paced, unpaced])
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Typing", "message": "Hi {name}"})
+
+    async def done() -> bool:
+        return (await server.ok("GET", f"/api/campaigns/{campaign['id']}/report"))["done_send"] == 4
+
+    await eventually(done)
+    network = server.runtime.sim_network
+    assert network is not None
+    assert network.stats()["typing_shown"] == 2  # one for each of the paced device's two sends, none unpaced
+
+
 async def test_opted_out_leads_receive_nothing(server: Server) -> None:
     devices = await linked_devices(server, 1)
     leads = await make_leads(server, 3, devices)

@@ -102,3 +102,4 @@ class SimStats:
     offline_queued: int = 0  # events kept for an offline linked device
     offline_dropped: int = 0  # events lost because a device's offline queue was full
     reads_by_devices: int = 0  # message ids linked devices marked as read
+    typing_shown: int = 0  # "typing…" indicators linked devices showed in a chat (composing)

@@ -151,7 +151,12 @@ class SimNetwork:
                 self._live_session(link, request.sid)
                 self._stats.reads_by_devices += len(request.ids)
                 return {}
-            case TypingRequest() | PingRequest():
+            case TypingRequest():
+                self._live_session(link, request.sid)
+                if request.state == "composing":
+                    self._stats.typing_shown += 1
+                return {}
+            case PingRequest():
                 self._live_session(link, request.sid)
                 return {}
         raise SimInvalid("unsupported request", code="bad_request")  # pragma: no cover - union is exhaustive
@@ -589,6 +594,7 @@ class SimNetwork:
             "offline_queued": s.offline_queued,
             "offline_dropped": s.offline_dropped,
             "reads_by_devices": s.reads_by_devices,
+            "typing_shown": s.typing_shown,
             "online": sorted(jid for jid, d in self._devices.items() if d.session is not None),
             "linked": len(self._devices),
             "pairing": len(self._pairings),

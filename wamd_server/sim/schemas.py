@@ -151,6 +151,7 @@ class StatsOut(BaseModel):
     offline_queued: int
     offline_dropped: int
     reads_by_devices: int
+    typing_shown: int
     online: list[str]
     linked: int
     pairing: int

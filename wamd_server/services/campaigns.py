@@ -89,6 +89,8 @@ class OutboxReports(Protocol):
 
     async def cancel_source(self, source_id: UUID, reason: str, now: datetime) -> int: ...
 
+    async def devices_sending(self, source_id: UUID) -> list[UUID]: ...
+
     async def retry_failed(self, source_id: UUID, device_id: UUID | None, now: datetime) -> int: ...
 
 
@@ -208,9 +210,11 @@ class CampaignService:
         return await self.get(user, campaign_id)
 
     async def pause(self, user: User, campaign_id: UUID) -> Campaign:
-        return await self._move(
+        paused = await self._move(
             user, campaign_id, [CampaignStatus.SCHEDULED, CampaignStatus.RUNNING], CampaignStatus.PAUSED, "paused"
         )
+        await self._wake_sending(campaign_id)
+        return paused
 
     async def resume(self, user: User, campaign_id: UUID) -> Campaign:
         campaign = await self.get(user, campaign_id)
@@ -228,6 +232,7 @@ class CampaignService:
             "cancelled",
         )
         await self._outbox.cancel_source(campaign_id, "campaign cancelled", self._clock.now())
+        await self._wake_sending(campaign_id)
         return campaign
 
     async def retry_failed(self, user: User, campaign_id: UUID, device_id: UUID | None) -> int:
@@ -320,6 +325,12 @@ class CampaignService:
             raise Conflict(f"a {campaign.status.value} campaign cannot be {verb}")
         self._wake_planner()
         return await self.get(user, campaign_id)
+
+    async def _wake_sending(self, campaign_id: UUID) -> None:
+        """Devices with a message of the campaign waiting out its gap (up to an hour) look at the campaign now."""
+        devices = await self._outbox.devices_sending(campaign_id)
+        if devices:
+            await self._bus.publish(BusEvent(OUTBOX_QUEUED, {"device_ids": [str(d) for d in devices]}))
 
     async def _announce_queued(self) -> None:
         await self._bus.publish(BusEvent(OUTBOX_QUEUED, {"device_ids": []}))

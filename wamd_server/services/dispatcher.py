@@ -26,7 +26,16 @@ from zoneinfo import ZoneInfo
 
 from wamd_server.domain.errors import NotConnected, RecipientNotOnWhatsApp, TransportError
 from wamd_server.domain.ids import user_jid
-from wamd_server.domain.models import Device, DeviceStatus, InboundMessage, OutboundMessage, OutboxItem, SendResult
+from wamd_server.domain.models import (
+    CampaignStatus,
+    Device,
+    DeviceStatus,
+    InboundMessage,
+    OutboundMessage,
+    OutboxItem,
+    SendResult,
+    SourceKind,
+)
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope, Sent, Transport
 from wamd_server.services.batch_results import ClaimedResults, LockedBatchSource, Results
 from wamd_server.services.deadlines import Deadlines
@@ -94,6 +103,8 @@ class OutboxStore(Protocol):
     async def opted_out_phones(self) -> set[str]: ...
 
     async def is_opted_out(self, phone: str) -> bool: ...
+
+    async def campaign_status(self, campaign_id: UUID) -> CampaignStatus | None: ...
 
     async def sent_without_history(self, device_id: UUID, since: datetime) -> list[tuple[OutboxItem, Sent]]:
         """Rows the device sent since `since` whose message is missing from its chat history."""
@@ -290,6 +301,9 @@ class Lane:
         self.failures = 0  # failed sends in a row (the device's fault)
         self.missing = 0  # recipients in a row not on WhatsApp
         self.errors = 0  # lane failures in a row (database unreachable…), for the backoff
+        # The rows ahead carry a gap of their own (a campaign's min..max) on a device without one: they are taken
+        # one at a time, as on a paced device, until a row without a gap comes.
+        self.rows_paced = False
         self.holding = False  # holds one of the dispatcher's active slots
         # Rows marked `sending` and not yet settled, by id (a dict: settling one is O(1), where removing from a
         # list compared whole dataclasses, O(n) each).
@@ -370,7 +384,7 @@ class Lane:
             # Caps and quiet hours do not depend on the message: wait them out before claiming anything.
             if not recovered and not await self._paced(rules, 0.0):
                 continue
-            paced = rules.max_delay_s > 0 or device.typing
+            paced = rules.max_delay_s > 0 or device.typing or self.rows_paced
             limit = 1 if paced else d.settings.batch
             if not paced:
                 await self._take_slot()
@@ -399,7 +413,7 @@ class Lane:
         next step is a locked batch, which reads the device in its own transaction and goes no further if any of
         that changed. (A lane that would wait for a cap or quiet hours reads the device first: its settings may
         have changed since.)"""
-        if known is None or recovered or self.d.locked is None:
+        if known is None or recovered or self.d.locked is None or self.rows_paced:
             return False
         if known.status is not DeviceStatus.ONLINE or known.queue_paused_reason or known.typing:
             return False
@@ -412,7 +426,7 @@ class Lane:
     ) -> Round:
         """Rows claimed `sending` (or left so by a crash), sent, each result written as it comes."""
         batch = recovered or await self.d.outbox.claim(self.device_id, self.d.clock.now(), limit)
-        if batch and not await self._send_batch(device, rules, batch, self.claimed_results):
+        if batch and not await self._send_batch(device, rules, batch, self.claimed_results, limit == 1):
             return Round(stop=True)
         return Round(more=bool(recovered) or (bool(batch) and len(batch) == limit))
 
@@ -428,7 +442,7 @@ class Lane:
             if _pace_of(fresh) != _pace_of(device):
                 return Round(more=True, device=fresh)
             batch = locked.items
-            if batch and not await self._send_batch(fresh, rules, batch, locked):
+            if batch and not await self._send_batch(fresh, rules, batch, locked, False):
                 return Round(stop=True)
             more = bool(batch) and (locked.expired() or len(batch) == limit)
         return Round(more=more, device=fresh, next_due=locked.next_due, due_known=True)
@@ -451,9 +465,10 @@ class Lane:
         await self._take_slot()
         return result
 
-    async def _gap_passed(self, seconds: float) -> bool:
+    async def _gap_passed(self, seconds: float, item: OutboxItem) -> bool:
         """Wait out a paced send's gap; False when, woken meanwhile, the lane finds the device's queue paused or
-        the device gone (a gap can last up to an hour: a pause must not let the claimed message go out after)."""
+        the device gone, or the message's campaign paused or ended (a gap can last up to an hour: a pause must
+        not let the claimed message go out after)."""
         d = self.d
         until = d.clock.now() + timedelta(seconds=seconds)
         while (left := (until - d.clock.now()).total_seconds()) > 0:
@@ -462,7 +477,23 @@ class Lane:
                 device = await d.devices.get(self.device_id, EVERYTHING)
                 if device is None or device.status is not DeviceStatus.ONLINE or device.queue_paused_reason:
                     return False
+                if not await self._campaign_goes_on(item):
+                    return False
         return True
+
+    async def _campaign_goes_on(self, item: OutboxItem) -> bool:
+        """Whether the message's campaign (if any) still runs. A message of an ended campaign is cancelled here
+        (it was `sending` when the campaign's messages were cancelled); one of a paused campaign goes back to the
+        queue with the rest of the batch."""
+        if item.source_kind is not SourceKind.CAMPAIGN or item.source_id is None:
+            return True
+        status = await self.d.outbox.campaign_status(item.source_id)
+        if status in (None, CampaignStatus.CANCELLED):
+            reason = "campaign cancelled" if status else "campaign deleted"
+            await self.results.cancelled(item.id, reason, self.d.clock.now())
+            del self.claimed[item.id]
+            return False
+        return status is not CampaignStatus.PAUSED
 
     async def _paced(self, rules: PacingRules, gap_s: float) -> bool:
         """Wait until pacing allows the next send; False when woken early (look again)."""
@@ -485,8 +516,11 @@ class Lane:
         """Wait `seconds`, or less if woken (since the start of this round of the lane's loop)."""
         await self.d.clock.wait(self.wake, seconds)
 
-    async def _send_batch(self, device: Device, rules: PacingRules, batch: list[OutboxItem], results: Results) -> bool:
-        """Send claimed rows in order, each after its gap; False when the lane must stop."""
+    async def _send_batch(
+        self, device: Device, rules: PacingRules, batch: list[OutboxItem], results: Results, paced: bool
+    ) -> bool:
+        """Send claimed rows in order, each after its gap (`paced`: rows taken one at a time, so they may wait
+        for theirs); False when the lane must stop."""
         d = self.d
         self.claimed = {item.id: item for item in batch}
         self.results = results
@@ -497,15 +531,23 @@ class Lane:
             for item in batch:
                 if sent and results.expired():
                     break  # the rest goes to the next batch
+                # The gap is the campaign's own min..max for its messages, else the device's; "typing…" is
+                # shown during the end of the gap, so typing never stretches it.
+                gap = rules.gap(d.rng, item.min_delay_s, item.max_delay_s)
+                if not paced and gap > 0:
+                    # A batch taken without gaps would wait out this row's gap, and each after it, with its rows
+                    # locked or `sending` (a campaign paused or cancelled meanwhile still sent, its report
+                    # behind): the rest goes back, to be taken one at a time.
+                    self.rows_paced = True
+                    break
+                if paced:
+                    self.rows_paced = gap > 0
                 # Checks and loading come before the gap, so the send follows the gap at once.
                 loaded_text = item.text  # a plugin may change it (`wamd_before_send`)
                 message = await self._prepare(item, await d.opted_out.holds(item.recipient))
                 if message is None:
                     del self.claimed[item.id]
                     continue
-                # The gap is the campaign's own min..max for its messages, else the device's; "typing…" is
-                # shown during the end of the gap, so typing never stretches it.
-                gap = rules.gap(d.rng, item.min_delay_s, item.max_delay_s)
                 now = d.clock.now()
                 if gap <= 0 and allowance.take(now):
                     wait = 0.0
@@ -515,15 +557,19 @@ class Lane:
                 if wait > max(gap, 0.0) + 1.0:
                     break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
                 typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
-                if wait - typing_s > 0 and not await self._gap_passed(wait - typing_s):
-                    break  # the queue was paused (or the device left) during the gap: the rest goes back
+                if wait - typing_s > 0 and not await self._gap_passed(wait - typing_s, item):
+                    break  # the queue or campaign was paused (or the device left) during the gap: the rest goes back
                 if device.typing:
                     await self._wait_unslotted(self._show_typing(item, typing_s))
-                if (wait > 0 or device.typing) and await d.opted_out.holds(item.recipient):
-                    # The recipient opted out during the gap (which can last minutes).
-                    await self.results.cancelled(item.id, OPTED_OUT_REASON, d.clock.now())
-                    del self.claimed[item.id]
-                    continue
+                if wait > 0 or device.typing:  # the gap can last minutes: is the message still wanted?
+                    if await d.opted_out.holds(item.recipient):
+                        await self.results.cancelled(item.id, OPTED_OUT_REASON, d.clock.now())
+                        del self.claimed[item.id]
+                        continue
+                    if not await self._campaign_goes_on(item):
+                        if item.id in self.claimed:
+                            break  # paused: it goes back to the queue with the rest, to wait for the resume
+                        continue  # cancelled
                 if item.greeting is not None:  # the greeting of now, not of when the message was queued
                     message.text = item.text = regreet(item.text, item.greeting, d.clock.now(), d.tz, d.greetings)
                 outcome = await self._send(item, message, loaded_text)

@@ -524,6 +524,22 @@ class SqlOutboxRepository:
         async with self._engine.connect() as conn:
             return set((await conn.execute(query)).scalars())
 
+    async def devices_sending(self, source_id: UUID) -> list[UUID]:
+        """Devices with a message of this source claimed `sending` (a paced one waiting out its gap, say)."""
+        query = (
+            select(outbox.c.device_id)
+            .where(outbox.c.source_id == source_id, outbox.c.status == OutboxStatus.SENDING.value)
+            .distinct()
+        )
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def campaign_status(self, campaign_id: UUID) -> CampaignStatus | None:
+        """The campaign's status (None: deleted)."""
+        async with self._engine.connect() as conn:
+            status = (await conn.execute(select(campaigns.c.status).where(campaigns.c.id == campaign_id))).scalar()
+        return None if status is None else CampaignStatus(status)
+
     async def is_opted_out(self, phone: str) -> bool:
         query = select(leads.c.id).where(leads.c.phone == phone, leads.c.opted_out_at.is_not(None)).limit(1)
         async with self._engine.connect() as conn:

@@ -149,18 +149,18 @@ def _greetings(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, str], ...]]
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{name} is not JSON ({exc.msg}); {example}") from None
-    if not isinstance(parsed, dict) or not parsed:
+    if not isinstance(parsed, dict):
         raise ConfigError(f"{name} must map languages to their greetings; {example}")
     greetings: dict[str, tuple[tuple[str, str], ...]] = {}
     for language, slots in parsed.items():
-        if not re.match(r"^[a-z]{2,8}$", language):
+        if not re.fullmatch(r"[a-z]{2,8}", language):
             raise ConfigError(f"{name}: {language!r} is not a language code such as ms or en")
         if not isinstance(slots, dict) or not slots:
             raise ConfigError(f"{name}: the greetings of {language!r} must map start times to texts; {example}")
         pairs = []
         for start, text in slots.items():
             try:
-                at = time.fromisoformat(start) if re.match(r"^\d{2}:\d{2}$", start) else None
+                at = time.fromisoformat(start) if re.fullmatch(r"[0-9]{2}:[0-9]{2}", start) else None
             except ValueError:
                 at = None
             if at is None:

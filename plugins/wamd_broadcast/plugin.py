@@ -14,7 +14,10 @@ from wamd_server.plugin_api.types import CampaignTypeSpec
 OPTIONS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "language": {"type": "string", "description": "language of {greeting}: ms (default) or en"},
+        "language": {
+            "type": "string",
+            "description": "language of {greeting}: ms (default), en, or one added by WAMD_GREETINGS",
+        },
         "distribution": {
             "type": "string",
             "enum": ["round_robin", "ai"],

@@ -352,6 +352,7 @@ def test_a_greeting_is_put_in_again_at_the_send_and_nothing_else_moves() -> None
 
 def test_texts_without_a_greeting_or_changed_since_are_left_alone() -> None:
     assert render_with_greeting("Hi {name}", FakeLead(), now=MORNING_KL, tz=KL)[1] is None  # type: ignore[arg-type]
+    assert render_with_greeting("{Greeting}", None, now=MORNING_KL, tz=KL) == ("Selamat pagi", "ms:12:0")
     assert render_with_greeting("{{greeting}}", FakeLead(), now=MORNING_KL, tz=KL) == ("{greeting}", None)  # type: ignore[arg-type]
     # In a spintax option not chosen: nothing to put in again.
     texts = {

@@ -79,7 +79,8 @@ def wamd_message_received(device: Any, message: Any, ctx: Any) -> Any:
     phone (``message.from_me``).
 
     ``ctx`` (accept it only if needed) sends messages through the outbox, paced like any other, once per key:
-    ``await ctx.send(device.id, message.sender_phone, "Thanks, we will call you", key=f"thanks:{message.wa_id}")``
+    ``if not message.from_me and message.sender_phone: await ctx.send(device.id, message.sender_phone, "Thanks,
+    we will call you", key=f"thanks:{message.wa_id}")``
     (see :class:`~wamd_server.services.plugin_outbox.PluginOutbox` for ``at``, ``paced`` and ``user_id``). It
     returns False when the key was used already; bad input raises ``InvalidInput``.
     """

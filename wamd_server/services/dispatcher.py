@@ -304,6 +304,7 @@ class Lane:
         # The rows ahead carry a gap of their own (a campaign's min..max) on a device without one: they are taken
         # one at a time, as on a paced device, until a row without a gap comes.
         self.rows_paced = False
+        self.held_until: datetime | None = None  # a cap or quiet hours hold the next row back until then
         self.holding = False  # holds one of the dispatcher's active slots
         # Rows marked `sending` and not yet settled, by id (a dict: settling one is O(1), where removing from a
         # list compared whole dataclasses, O(n) each).
@@ -428,6 +429,9 @@ class Lane:
         batch = recovered or await self.d.outbox.claim(self.device_id, self.d.clock.now(), limit)
         if batch and not await self._send_batch(device, rules, batch, self.claimed_results, limit == 1):
             return Round(stop=True)
+        if self.held_until is not None:
+            held, self.held_until = self.held_until, None
+            return Round(next_due=held, due_known=True)
         return Round(more=bool(recovered) or (bool(batch) and len(batch) == limit))
 
     async def _locked_round(self, source: LockedBatchSource, device: Device, rules: PacingRules, limit: int) -> Round:
@@ -444,6 +448,7 @@ class Lane:
             batch = locked.items
             if batch and not await self._send_batch(fresh, rules, batch, locked, False):
                 return Round(stop=True)
+            self.held_until = None  # (no gap here: the caps are waited out before the next claim)
             more = bool(batch) and (locked.expired() or len(batch) == limit)
         return Round(more=more, device=fresh, next_due=locked.next_due, due_known=True)
 
@@ -555,7 +560,10 @@ class Lane:
                     allowance.spend_all()
                     wait = (next_send_at(rules, self.history, now, gap) - now).total_seconds()
                 if wait > max(gap, 0.0) + 1.0:
-                    break  # a cap or quiet hours began meanwhile: the rest goes back to the queue
+                    # A cap or quiet hours hold this row back (its gap ends in them): the rest goes back to the
+                    # queue, and the lane waits instead of claiming the same row again at once.
+                    self.held_until = now + timedelta(seconds=wait)
+                    break
                 typing_s = self._typing_time(item, max(wait, 0.0)) if device.typing else 0.0
                 if wait - typing_s > 0 and not await self._gap_passed(wait - typing_s, item):
                     break  # the queue or campaign was paused (or the device left) during the gap: the rest goes back

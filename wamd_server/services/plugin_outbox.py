@@ -6,6 +6,7 @@ A plugin gets this as the ``ctx`` of ``wamd_message_received`` (see `plugin_api/
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from wamd_server.protocol.events import OUTBOX_QUEUED
 
 MAX_TEXT = 4096
 MAX_KEY = 200
+PHONE = re.compile(r"\+?[0-9]{6,15}")  # international digits, as in a JID (what `message.sender_phone` holds)
 
 
 class OutboxInserts(Protocol):
@@ -46,12 +48,12 @@ class PluginOutbox:
         adds nothing (a redelivered event, a retried hook), and False is returned. `at`: not before then
         (timezone-aware; default now). `paced` False sends without the device's gap (as a reply typed by hand),
         caps and quiet hours still apply. `user_id`: the user the message is sent for (reports), if any."""
-        phone = "".join(ch for ch in to_phone if ch.isdigit())
-        if not 6 <= len(phone) <= 15 or to_phone.strip().lstrip("+") != phone:
+        if not isinstance(to_phone, str) or not PHONE.fullmatch(to_phone.strip()):
             raise InvalidInput(f"not a phone number: {to_phone!r}", {"field": "to_phone"})
-        if not text.strip() or len(text) > MAX_TEXT:
+        phone = to_phone.strip().lstrip("+")
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             raise InvalidInput(f"a plugin's message needs 1 to {MAX_TEXT} characters", {"field": "text"})
-        if not key or len(key) > MAX_KEY:
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY:
             raise InvalidInput(f"a plugin's message key needs 1 to {MAX_KEY} characters", {"field": "key"})
         if at is not None and at.tzinfo is None:
             raise InvalidInput("at must carry a time zone", {"field": "at"})

@@ -445,7 +445,7 @@ def render_with_greeting(
     """`render`, and where the text holds its greeting, for `regreet`: "<language>:<length>:<start>,<start>…"
     (None: no greeting). A message queued now and sent hours later then greets with the time it is sent."""
     chosen = greetings or DEFAULT_GREETINGS
-    if "greeting" not in template or _GREETING_MARK in template:
+    if "greeting" not in template.casefold() or _GREETING_MARK in template:
         return render(template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen), None
     marked = render(
         template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen, greeting_mark=_GREETING_MARK

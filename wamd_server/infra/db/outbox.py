@@ -526,9 +526,10 @@ class SqlOutboxRepository:
 
     async def devices_sending(self, source_id: UUID) -> list[UUID]:
         """Devices with a message of this source claimed `sending` (a paced one waiting out its gap, say)."""
-        query = (
+        query = (  # through the due rows (a claimed row keeps its due row), not every row of the source
             select(outbox.c.device_id)
-            .where(outbox.c.source_id == source_id, outbox.c.status == OutboxStatus.SENDING.value)
+            .join(outbox_due, outbox_due.c.id == outbox.c.id)
+            .where(outbox_due.c.source_id == source_id, outbox.c.status == OutboxStatus.SENDING.value)
             .distinct()
         )
         async with self._engine.connect() as conn:

@@ -5,30 +5,16 @@ resume, cancel and retry-failed."""
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
-from PIL import Image
-
 from tests.conftest import Reply, Server, ServerFactory, eventually
+from tests.server.test_campaigns import linked_devices
+from tests.server.test_templates_and_media import png, upload
 from wamd_server.services.clock import AcceleratedClock
-
-# Unpaced devices (as in test_campaigns.py; copied, that file is being edited): sends go out at once.
-FAST = {"min_delay_s": 0, "max_delay_s": 0, "hourly_cap": 10_000, "daily_cap": 100_000, "typing": False}
-
-
-async def linked_devices(server: Server, count: int, first_phone: int = 60123100000) -> list[dict[str, Any]]:
-    ws = await server.ws()
-    devices = []
-    for n in range(count):
-        device = await server.create_device(f"Sender {n}")
-        await server.pair_by_qr(device["id"], str(first_phone + n), ws)
-        devices.append(await server.ok("PATCH", f"/api/devices/{device['id']}", json=FAST))
-    return devices
 
 
 async def add_lead(
@@ -40,14 +26,6 @@ async def add_lead(
         body["device_id"] = device["id"]
     lead: dict[str, Any] = await server.ok("POST", "/api/leads", json=body)
     return lead
-
-
-async def upload_png(server: Server, width: int, height: int) -> Reply:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), "white").save(out, format="PNG")
-    form = aiohttp.FormData()
-    form.add_field("file", out.getvalue(), filename="offer.png", content_type="application/octet-stream")
-    return await server.call("POST", "/api/media", server.admin_token, data=form)
 
 
 async def create(server: Server, **body: Any) -> dict[str, Any]:
@@ -178,7 +156,7 @@ async def test_device_ids_limit_a_campaign_to_those_devices_and_to_leads_without
 async def test_an_image_goes_with_the_message(server: Server) -> None:
     [device] = await linked_devices(server, 1)
     lead = await add_lead(server, 0, "img", device=device)
-    uploaded = await upload_png(server, 64, 48)
+    uploaded = await upload(server, png(64, 48), filename="offer.png")
     assert uploaded.status == 201, uploaded.body
     image_id = uploaded.body["id"]
     campaign = await create(server, message="Offer for {name}", niche="img", image_media_id=image_id)
@@ -379,15 +357,14 @@ async def test_pause_holds_queued_messages_and_resume_lets_them_go(server: Serve
         assert await texts(server, lead["phone"]) == [f"Hi {lead['name']}"]
 
 
-async def test_pausing_a_paced_campaign_stops_its_sends_between_gaps(
-    make_server: ServerFactory, database_url: str
-) -> None:
-    # An unpaced device sends a campaign with a gap of its own (a minute, 0.6 s here). Paused after its first send,
-    # the campaign must hold the rest: at most the message already waiting out its gap may still go.
-    server = await make_server(database_url, clock=AcceleratedClock(100))
+async def first_of_a_gapped_campaign_sent(
+    server: Server, niche: str, count: int, gap_s: float
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], Callable[[], Awaitable[int]]]:
+    """An unpaced device sends `count` leads a campaign with a gap of its own; returns once its first message
+    arrived: the device, the leads, the campaign, and a count of the messages delivered so far."""
     [device] = await linked_devices(server, 1)
-    leads = [await add_lead(server, n, "paced", device=device) for n in range(6)]
-    campaign = await create(server, message="Hi {name}", niche="paced", min_delay_s=60, max_delay_s=60)
+    leads = [await add_lead(server, n, niche, device=device) for n in range(count)]
+    campaign = await create(server, message="Hi {name}", niche=niche, min_delay_s=gap_s, max_delay_s=gap_s)
 
     async def delivered() -> int:
         return sum([len(await inbox(server, lead["phone"])) for lead in leads])
@@ -396,6 +373,16 @@ async def test_pausing_a_paced_campaign_stops_its_sends_between_gaps(
         return await delivered() >= 1
 
     await eventually(first_sent)
+    return device, leads, campaign, delivered
+
+
+async def test_pausing_a_paced_campaign_stops_its_sends_between_gaps(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    # An unpaced device sends a campaign with a gap of its own (a minute, 0.6 s here). Paused after its first send,
+    # the campaign must hold the rest: at most the message already waiting out its gap may still go.
+    server = await make_server(database_url, clock=AcceleratedClock(100))
+    device, leads, campaign, delivered = await first_of_a_gapped_campaign_sent(server, "paced", 6, 60)
     await server.ok("POST", f"/api/campaigns/{campaign['id']}/pause")
     at_pause = await delivered()
     await send_marker(server, device)
@@ -459,17 +446,7 @@ async def test_cancelling_a_paced_campaign_answers_at_once_and_stops_its_sends(
     # first send: the cancel must not wait out a gap (it did, behind the rows a batch held locked), and at most the
     # message already waiting out its gap may still go.
     server = await make_server(database_url, clock=AcceleratedClock(10))
-    [device] = await linked_devices(server, 1)
-    leads = [await add_lead(server, n, "stop", device=device) for n in range(3)]
-    campaign = await create(server, message="Hi {name}", niche="stop", min_delay_s=3600, max_delay_s=3600)
-
-    async def delivered() -> int:
-        return sum([len(await inbox(server, lead["phone"])) for lead in leads])
-
-    async def first_sent() -> bool:
-        return await delivered() >= 1
-
-    await eventually(first_sent)
+    device, _, campaign, delivered = await first_of_a_gapped_campaign_sent(server, "stop", 3, 3600)
     async with asyncio.timeout(60):  # far less than the six minutes of a gap
         assert (await server.ok("POST", f"/api/campaigns/{campaign['id']}/cancel"))["status"] == "cancelled"
     at_cancel = await delivered()

@@ -445,12 +445,9 @@ def render_with_greeting(
     """`render`, and where the text holds its greeting, for `regreet`: "<language>:<length>:<start>,<start>…"
     (None: no greeting). A message queued now and sent hours later then greets with the time it is sent."""
     chosen = greetings or DEFAULT_GREETINGS
-    if "greeting" not in template.casefold() or _GREETING_MARK in template:
-        return render(template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen), None
-    marked = render(
-        template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen, greeting_mark=_GREETING_MARK
-    )
-    if _GREETING_MARK not in marked:  # `greeting` was text, or in a spintax option not chosen
+    mark = _GREETING_MARK if "greeting" in template.casefold() and _GREETING_MARK not in template else None
+    marked = render(template, lead, now=now, tz=tz, language=language, rng=rng, greetings=chosen, greeting_mark=mark)
+    if mark is None or mark not in marked:  # no greeting, or in a spintax option not chosen
         return marked, None
     lang = chosen.language(language)
     greeting = chosen.greeting(now, tz, lang)

@@ -14,7 +14,7 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.db.migration_steps import device_under, downgrade_to, upgrade_to
-from wamd_server.domain.models import OutboxStatus, SourceKind
+from wamd_server.domain.models import Campaign, CampaignStatus, OutboxStatus, Role, SourceKind
 from wamd_server.domain.ports import Sent
 from wamd_server.infra.db import migrate
 from wamd_server.infra.db.campaigns import SqlCampaignRepository
@@ -26,6 +26,7 @@ from wamd_server.infra.db.messages import HISTORY_FROM_OUTBOX_PG, PREVIEW_CHARS,
 from wamd_server.infra.db.outbox import NewMessage, SqlOutboxRepository, execute_record_sent
 from wamd_server.infra.db.tables import outbox, outbox_due, outbox_failed, outbox_sent
 from wamd_server.infra.db.types import UtcDateTime
+from wamd_server.infra.db.users import SqlUserRepository
 
 T0 = datetime(2024, 6, 1, 9, 0, tzinfo=UTC)
 PHONES = [f"6019900010{n}" for n in range(6)]
@@ -126,6 +127,39 @@ async def test_due_rows_and_sends_follow_every_change_of_a_row(engine: AsyncEngi
     left = await tables(engine)
     assert left["sent"] == left["failed"] == set()
     assert set(left["due"]) == {claimed[3].id}  # the row moved to the second device
+
+
+async def test_rows_released_after_their_campaign_ended_are_cancelled_not_queued(engine: AsyncEngine) -> None:
+    """A campaign's cancel leaves its `sending` rows alone; released later (the device went away before sending
+    them), those of a cancelled or deleted campaign are cancelled, not left queued for a campaign that never
+    sends again. Those of a running campaign are queued again."""
+    owner = await SqlUserRepository(engine).add("owner@example.com", "hash", Role.ADMIN, "")
+    device = await SqlDeviceRepository(engine).add("Only", None, None)
+    repo = SqlCampaignRepository(engine)
+    made = {}
+    for name in ("running", "cancelled", "deleted"):
+        made[name] = await repo.add(
+            Campaign(uuid.uuid4(), owner.id, "broadcast", name, "hi", T0, CampaignStatus.RUNNING), T0
+        )
+    rows = SqlOutboxRepository(engine)
+    new = [
+        NewMessage(device.id, phone, "hi", SourceKind.CAMPAIGN, name, T0, source_id=made[name].id)
+        for phone, name in zip(PHONES, made, strict=False)
+    ]
+    await rows.enqueue(new, T0)
+    claimed = await rows.claim(device.id, T0, 10)
+    assert len(claimed) == 3
+    await repo.transition(made["cancelled"].id, [CampaignStatus.RUNNING], T0, status=CampaignStatus.CANCELLED)
+    assert await rows.cancel_source(made["cancelled"].id, "campaign cancelled", T0) == 0  # `sending`: left alone
+    assert await repo.delete(made["deleted"].id)
+
+    await rows.release([item.id for item in claimed], T0)
+    status = await in_step(engine)
+    assert [status[p] for p in PHONES[:3]] == ["queued", "cancelled", "cancelled"]
+    async with engine.connect() as conn:
+        errors = dict((await conn.execute(select(outbox.c.recipient, outbox.c.last_error))).all())
+    assert [errors[p] for p in PHONES[1:3]] == ["campaign cancelled", "campaign deleted"]
+    assert [i.recipient for i in await rows.claim(device.id, T0, 10)] == [PHONES[0]]
 
 
 async def test_a_locked_batch_settles_its_rows_in_both_tables(fresh_pg_url: str) -> None:

@@ -103,6 +103,8 @@ class Greetings:
     slots: Mapping[str, Sequence[GreetingSlot]]
     name_fallback: Mapping[str, str] = field(default_factory=dict)  # language → word; missing: ""
     default_language: str = "ms"
+    # Each language's texts, looked up once per paced greeting message (`regreet`), so built once here.
+    _texts: Mapping[str, frozenset[str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.default_language not in self.slots:
@@ -113,6 +115,8 @@ class Greetings:
                 raise ValueError(f"no greeting slots for {language!r}")
             if any(s.tzinfo is not None for s in starts) or starts != sorted(set(starts)):
                 raise ValueError(f"greeting slots of {language!r} must start at distinct, ascending local times")
+        texts = {language: frozenset(slot.text for slot in slots) for language, slots in self.slots.items()}
+        object.__setattr__(self, "_texts", texts)  # frozen
 
     @property
     def languages(self) -> frozenset[str]:
@@ -139,7 +143,7 @@ class Greetings:
         return self.text_at(now.astimezone(tz).time(), language)
 
     def texts(self, language: str | None = None) -> frozenset[str]:
-        return frozenset(slot.text for slot in self.slots[self.language(language)])
+        return self._texts[self.language(language)]
 
     def fallback_name(self, language: str | None = None) -> str:
         return self.name_fallback.get(self.language(language), "")

@@ -21,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from sqlalchemy import ColumnElement, bindparam, case, delete, distinct, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, bindparam, case, delete, distinct, func, insert, literal, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -497,8 +497,28 @@ class SqlOutboxRepository:
             .where(outbox.c.id.in_(ids), (outbox.c.status == OutboxStatus.SENDING.value).is_(True))
             .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts - 1, updated_at=now)
         )
+        # A campaign cancelled or deleted while these rows were `sending` left them alone (it cancels queued
+        # rows): back in the queue they would wait forever, as rows of a campaign that never sends again.
+        campaign = select(campaigns.c.status).where(campaigns.c.id == outbox.c.source_id).scalar_subquery()
+        released = outbox.c.id.in_(ids)
+        ended = (
+            update(outbox)
+            .where(
+                released,
+                outbox.c.status == OutboxStatus.QUEUED.value,
+                outbox.c.source_kind == SourceKind.CAMPAIGN.value,
+                or_(campaign.is_(None), campaign == CampaignStatus.CANCELLED.value),
+            )
+            .values(
+                status=OutboxStatus.CANCELLED.value,
+                last_error=case((campaign.is_(None), "campaign deleted"), else_="campaign cancelled"),
+                updated_at=now,
+            )
+        )
         async with self._engine.begin() as conn:
             await conn.execute(stmt)
+            if (await conn.execute(ended)).rowcount:
+                await conn.execute(_settled_leave(released))
 
     async def _set(self, item_id: UUID, now: datetime, **values: Any) -> None:
         """Settle a row (or queue it again), its `outbox_due` row following (and `outbox_failed`)."""

@@ -250,7 +250,7 @@ class Runtime:
                 media_visible=self._media_visible(media_service),
                 wake_planner=self.planner_loop.wake.set,
             ),
-            queue=QueueService(device_repo, outbox, QueueControl(device_repo, clock), clock),
+            queue=QueueService(device_repo, outbox, QueueControl(device_repo, clock), clock, cfg.timezone),
             chats=ChatService(device_repo, SqlChatRepository(self.engine), outbox, NewMessage, router, self.bus, clock),
             clock=clock,
             user_repo=user_repo,

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -650,6 +650,9 @@ async def test_a_lane_held_by_quiet_hours_sends_once_they_are_lifted_and_it_is_w
 
     await eventually(queued)
     assert (await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] == []  # held by the quiet hours
+    [row] = (await server.ok("GET", "/api/queue"))["items"]
+    quiet_end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=2)
+    assert (row["queued"], datetime.fromisoformat(row["next_send_at"])) == (1, quiet_end)  # not "now"
     await server.ok("PATCH", f"/api/devices/{device['id']}", json={"quiet_start": "", "quiet_end": ""})
     await server.ok("POST", f"/api/queue/{device['id']}/resume")
 
@@ -657,3 +660,29 @@ async def test_a_lane_held_by_quiet_hours_sends_once_they_are_lifted_and_it_is_w
         return len((await server.sim("GET", f"/inbox/{lead['phone']}"))["items"]) == 1
 
     await eventually(delivered, timeout=15)
+
+
+async def test_the_queue_shows_a_message_held_by_the_hourly_cap_as_sent_an_hour_after_the_last(server: Server) -> None:
+    [device] = await linked_devices(server, 1)
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"hourly_cap": 1})
+    leads = await make_leads(server, 2, [device])
+    before = datetime.now(UTC)
+    campaign = await server.ok("POST", "/api/campaigns", json={"title": "Capped", "message": "Hi {name}"})
+
+    async def one_sent() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return (report["should_send"], report["done_send"]) == (2, 1)
+
+    await eventually(one_sent)
+    after = datetime.now(UTC)
+    [row] = (await server.ok("GET", "/api/queue"))["items"]
+    assert (row["queued"], row["sent_last_hour"], row["hourly_cap"]) == (1, 1, 1)
+    next_send = datetime.fromisoformat(row["next_send_at"])
+    assert before + timedelta(hours=1) < next_send <= after + timedelta(hours=1, seconds=1)
+    inboxes = [(await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] for lead in leads]
+    assert sorted(len(items) for items in inboxes) == [0, 1]
+
+    # A paused campaign's messages wait for its resume, not for the device: none is shown as next.
+    await server.ok("POST", f"/api/campaigns/{campaign['id']}/pause")
+    [row] = (await server.ok("GET", "/api/queue"))["items"]
+    assert (row["queued"], row["next_send_at"]) == (1, None)

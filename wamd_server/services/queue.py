@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from wamd_server.domain.errors import NotFound
 from wamd_server.domain.models import User
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope
 from wamd_server.services.devices import scope_of
+from wamd_server.services.pacing import DAY, HOUR, PacingRules, SendHistory, next_send_at
 
 SELF_LIFTING = frozenset({"ban", "logout"})
 
@@ -44,24 +46,36 @@ class QueueControl:
 class QueueOverview(Protocol):
     async def queue_overview(self, device_ids: Sequence[UUID] | None, now: datetime) -> dict[UUID, dict[str, Any]]: ...
 
+    async def sent_since_many(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, list[datetime]]: ...
+
 
 class QueueService:
     """`GET /api/queue`: per device the caller may see, what waits, what went out lately, and why it is paused."""
 
-    def __init__(self, devices: DeviceRepository, outbox: QueueOverview, control: QueueControl, clock: Clock) -> None:
+    def __init__(
+        self, devices: DeviceRepository, outbox: QueueOverview, control: QueueControl, clock: Clock, tz: ZoneInfo
+    ) -> None:
         self._devices = devices
         self._outbox = outbox
         self._control = control
         self._clock = clock
+        self._tz = tz
 
     async def overview(self, user: User) -> list[dict[str, Any]]:
         devices = await self._devices.list_page(scope_of(user), 100_000, None)
         now = self._clock.now()
         stats = await self._outbox.queue_overview([d.id for d in devices], now)
+        waiting = [d.id for d in devices if stats.get(d.id, {}).get("next_due") is not None]
+        # The sends pacing counts: the rolling hour and the local day (at most 25 hours when clocks go back).
+        sends = await self._outbox.sent_since_many(waiting, now - DAY - 2 * HOUR)
         rows = []
         for device in devices:
             s = stats.get(device.id, {})
             next_due = s.get("next_due")
+            if next_due is not None:
+                # What the device's dispatcher waits for: the due time, then caps, quiet hours and the shortest gap.
+                rules = PacingRules.for_device(device, self._tz)
+                next_due = next_send_at(rules, SendHistory(sends[device.id]), max(next_due, now), rules.min_delay_s)
             rows.append(
                 {
                     "device_id": str(device.id),
@@ -71,8 +85,7 @@ class QueueService:
                     "sending": s.get("sending", 0),
                     "sent_last_hour": s.get("sent_last_hour", 0),
                     "hourly_cap": device.hourly_cap,
-                    # The earliest a queued message is due; pacing may hold it a little longer.
-                    "next_send_at": max(next_due, now) if next_due else None,
+                    "next_send_at": next_due,
                     "paused_reason": device.queue_paused_reason,
                     "pause_kind": device.queue_pause_kind,
                 }

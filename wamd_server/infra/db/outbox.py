@@ -538,6 +538,19 @@ class SqlOutboxRepository:
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
 
+    async def sent_since_many(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, list[datetime]]:
+        """`sent_since` for several devices at once (every device asked for has an entry)."""
+        sends: dict[UUID, list[datetime]] = {device_id: [] for device_id in device_ids}
+        if not sends:
+            return sends
+        query = select(outbox_sent.c.device_id, outbox_sent.c.sent_at).where(
+            outbox_sent.c.device_id.in_(list(sends)), outbox_sent.c.sent_at > since
+        )
+        async with self._engine.connect() as conn:
+            for device_id, sent_at in await conn.execute(query):
+                sends[device_id].append(sent_at)
+        return sends
+
     async def opted_out_phones(self) -> set[str]:
         """Every phone that opted out (a short list next to the leads: kept in memory by the dispatchers)."""
         query = select(leads.c.phone).where(leads.c.opted_out_at.is_not(None)).distinct()
@@ -676,16 +689,18 @@ class SqlOutboxRepository:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
 
     async def queue_overview(self, device_ids: Sequence[UUID] | None, now: datetime) -> dict[UUID, dict[str, Any]]:
-        """Per device: queued, sending, sent in the last hour, and when the next queued message is due."""
+        """Per device: queued, sending, sent in the last hour, and when the next queued message is due (not
+        counting messages of paused or cancelled campaigns: they wait for a resume)."""
         status = outbox.c.status
+        queued = status == OutboxStatus.QUEUED.value
+        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
+        sendable = queued & (outbox_due.c.source_id.is_(None) | outbox_due.c.source_id.not_in(held))
         waiting = (
             select(
                 outbox_due.c.device_id,
-                func.sum(case((status == OutboxStatus.QUEUED.value, 1), else_=0)).label("queued"),
+                func.sum(case((queued, 1), else_=0)).label("queued"),
                 func.sum(case((status == OutboxStatus.SENDING.value, 1), else_=0)).label("sending"),
-                func.min(case((status == OutboxStatus.QUEUED.value, outbox_due.c.scheduled_at), else_=None)).label(
-                    "next_due"
-                ),
+                func.min(case((sendable, outbox_due.c.scheduled_at), else_=None)).label("next_due"),
             )
             .join(outbox, outbox.c.id == outbox_due.c.id)
             .group_by(outbox_due.c.device_id)

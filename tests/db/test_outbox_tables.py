@@ -62,12 +62,20 @@ async def in_step(engine: AsyncEngine) -> dict[str, str]:
     return status
 
 
+async def running_campaign(engine: AsyncEngine, title: str = "Promo") -> Campaign:
+    users = SqlUserRepository(engine)
+    found = await users.by_email("owner@example.com")
+    owner = found.user if found else await users.add("owner@example.com", "hash", Role.ADMIN, "")
+    campaign = Campaign(uuid.uuid4(), owner.id, "broadcast", title, "hi", T0, CampaignStatus.RUNNING)
+    return await SqlCampaignRepository(engine).add(campaign, T0)
+
+
 async def test_due_rows_and_sends_follow_every_change_of_a_row(engine: AsyncEngine) -> None:
     devices = SqlDeviceRepository(engine)
     first = await devices.add("First", None, None)
     second = await devices.add("Second", None, None)
     rows = SqlOutboxRepository(engine)
-    source = uuid.uuid4()
+    source = (await running_campaign(engine)).id
     new = [
         NewMessage(first.id, phone, f"hi {n}", SourceKind.CAMPAIGN, f"k{n}", T0, source_id=source)
         for n, phone in enumerate(PHONES)
@@ -129,18 +137,13 @@ async def test_due_rows_and_sends_follow_every_change_of_a_row(engine: AsyncEngi
     assert set(left["due"]) == {claimed[3].id}  # the row moved to the second device
 
 
-async def test_rows_released_after_their_campaign_ended_are_cancelled_not_queued(engine: AsyncEngine) -> None:
+async def test_rows_queued_again_after_their_campaign_ended_are_cancelled(engine: AsyncEngine) -> None:
     """A campaign's cancel leaves its `sending` rows alone; released later (the device went away before sending
-    them), those of a cancelled or deleted campaign are cancelled, not left queued for a campaign that never
-    sends again. Those of a running campaign are queued again."""
-    owner = await SqlUserRepository(engine).add("owner@example.com", "hash", Role.ADMIN, "")
+    them) or queued to be tried again, those of a cancelled or deleted campaign are cancelled, not left queued for
+    a campaign that never sends again. Those of a running campaign are queued again."""
     device = await SqlDeviceRepository(engine).add("Only", None, None)
     repo = SqlCampaignRepository(engine)
-    made = {}
-    for name in ("running", "cancelled", "deleted"):
-        made[name] = await repo.add(
-            Campaign(uuid.uuid4(), owner.id, "broadcast", name, "hi", T0, CampaignStatus.RUNNING), T0
-        )
+    made = {name: await running_campaign(engine, name) for name in ("running", "cancelled", "deleted", "retried")}
     rows = SqlOutboxRepository(engine)
     new = [
         NewMessage(device.id, phone, "hi", SourceKind.CAMPAIGN, name, T0, source_id=made[name].id)
@@ -148,17 +151,20 @@ async def test_rows_released_after_their_campaign_ended_are_cancelled_not_queued
     ]
     await rows.enqueue(new, T0)
     claimed = await rows.claim(device.id, T0, 10)
-    assert len(claimed) == 3
-    await repo.transition(made["cancelled"].id, [CampaignStatus.RUNNING], T0, status=CampaignStatus.CANCELLED)
-    assert await rows.cancel_source(made["cancelled"].id, "campaign cancelled", T0) == 0  # `sending`: left alone
+    assert len(claimed) == 4
+    for name in ("cancelled", "retried"):
+        await repo.transition(made[name].id, [CampaignStatus.RUNNING], T0, status=CampaignStatus.CANCELLED)
+        assert await rows.cancel_source(made[name].id, "campaign cancelled", T0) == 0  # `sending`: left alone
     assert await repo.delete(made["deleted"].id)
 
-    await rows.release([item.id for item in claimed], T0)
+    await rows.release([item.id for item in claimed[:3]], T0)
+    await rows.retry_later(claimed[3].id, T0 + timedelta(minutes=1), "timeout", T0)
     status = await in_step(engine)
-    assert [status[p] for p in PHONES[:3]] == ["queued", "cancelled", "cancelled"]
+    assert [status[p] for p in PHONES[:4]] == ["queued", "cancelled", "cancelled", "cancelled"]
     async with engine.connect() as conn:
         errors = dict((await conn.execute(select(outbox.c.recipient, outbox.c.last_error))).all())
-    assert [errors[p] for p in PHONES[1:3]] == ["campaign cancelled", "campaign deleted"]
+    assert [errors[p] for p in PHONES[1:4]] == ["campaign cancelled", "campaign deleted", "campaign cancelled"]
+    assert await rows.next_due(device.id) == T0
     assert [i.recipient for i in await rows.claim(device.id, T0, 10)] == [PHONES[0]]
 
 

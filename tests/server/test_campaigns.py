@@ -662,7 +662,9 @@ async def test_a_lane_held_by_quiet_hours_sends_once_they_are_lifted_and_it_is_w
     await eventually(delivered, timeout=15)
 
 
-async def test_the_queue_shows_a_message_held_by_the_hourly_cap_as_sent_an_hour_after_the_last(server: Server) -> None:
+async def test_the_queue_shows_when_caps_let_the_next_message_go_and_nothing_while_it_waits_for_a_resume(
+    server: Server,
+) -> None:
     [device] = await linked_devices(server, 1)
     await server.ok("PATCH", f"/api/devices/{device['id']}", json={"hourly_cap": 1})
     leads = await make_leads(server, 2, [device])
@@ -675,14 +677,37 @@ async def test_the_queue_shows_a_message_held_by_the_hourly_cap_as_sent_an_hour_
 
     await eventually(one_sent)
     after = datetime.now(UTC)
-    [row] = (await server.ok("GET", "/api/queue"))["items"]
-    assert (row["queued"], row["sent_last_hour"], row["hourly_cap"]) == (1, 1, 1)
+
+    async def queue_row() -> dict[str, Any]:
+        row: dict[str, Any] = (await server.ok("GET", "/api/queue"))["items"][0]
+        return row
+
+    async def held() -> bool:  # the second message back in the queue (a moment `sending` on SQLite)
+        return (await queue_row())["queued"] == 1
+
+    await eventually(held)
+    row = await queue_row()
+    assert (row["sent_last_hour"], row["hourly_cap"]) == (1, 1)
+    # The hourly cap lets the next go an hour after the first, not when it was due.
     next_send = datetime.fromisoformat(row["next_send_at"])
     assert before + timedelta(hours=1) < next_send <= after + timedelta(hours=1, seconds=1)
     inboxes = [(await server.sim("GET", f"/inbox/{lead['phone']}"))["items"] for lead in leads]
     assert sorted(len(items) for items in inboxes) == [0, 1]
 
-    # A paused campaign's messages wait for its resume, not for the device: none is shown as next.
+    # A daily cap of one: not before the next local midnight (nor within the hour of the first send).
+    await server.ok("PATCH", f"/api/devices/{device['id']}", json={"daily_cap": 1})
+    tz = server.runtime.config.timezone
+    midnight = datetime.combine(datetime.now(tz).date() + timedelta(days=1), datetime.min.time(), tzinfo=tz)
+    next_send = datetime.fromisoformat((await queue_row())["next_send_at"])
+    assert (
+        max(midnight, before + timedelta(hours=1)) <= next_send <= max(midnight, after + timedelta(hours=1, seconds=1))
+    )
+
+    # While the device's queue or the campaign is paused, the message waits for a resume: no time is shown.
+    await server.ok("POST", f"/api/queue/{device['id']}/pause")
+    assert (await queue_row())["next_send_at"] is None
+    await server.ok("POST", f"/api/queue/{device['id']}/resume")
+    assert (await queue_row())["next_send_at"] is not None
     await server.ok("POST", f"/api/campaigns/{campaign['id']}/pause")
-    [row] = (await server.ok("GET", "/api/queue"))["items"]
+    row = await queue_row()
     assert (row["queued"], row["next_send_at"]) == (1, None)

@@ -104,7 +104,12 @@ class PacingRules:
         return _local_day(self.tz, when)[1].astimezone(when.tzinfo)
 
     def local_midnight(self, when: datetime) -> datetime:
-        return _local_day(self.tz, when)[0].astimezone(when.tzinfo)
+        return local_midnight(when, self.tz)
+
+
+def local_midnight(when: datetime, tz: ZoneInfo) -> datetime:
+    """Where the local day of `when` began, in `tz`."""
+    return _local_day(tz, when)[0].astimezone(when.tzinfo)
 
 
 def _first_instant(day: date, at: time, tz: ZoneInfo) -> datetime:

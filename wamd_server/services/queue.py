@@ -13,11 +13,11 @@ from typing import Any, Protocol
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from wamd_server.domain.errors import NotFound
-from wamd_server.domain.models import User
+from wamd_server.domain.errors import InvalidInput, NotFound
+from wamd_server.domain.models import Device, User
 from wamd_server.domain.ports import Clock, DeviceRepository, DeviceScope
 from wamd_server.services.devices import scope_of
-from wamd_server.services.pacing import DAY, HOUR, PacingRules, SendHistory, next_send_at
+from wamd_server.services.pacing import HOUR, PacingRules, SendHistory, local_midnight, next_send_at
 
 SELF_LIFTING = frozenset({"ban", "logout"})
 
@@ -46,7 +46,9 @@ class QueueControl:
 class QueueOverview(Protocol):
     async def queue_overview(self, device_ids: Sequence[UUID] | None, now: datetime) -> dict[UUID, dict[str, Any]]: ...
 
-    async def sent_since_many(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, list[datetime]]: ...
+    async def sends_for_pacing(
+        self, device_ids: Sequence[UUID], hour_start: datetime, day_start: datetime
+    ) -> dict[UUID, tuple[list[datetime], int]]: ...
 
 
 class QueueService:
@@ -65,17 +67,10 @@ class QueueService:
         devices = await self._devices.list_page(scope_of(user), 100_000, None)
         now = self._clock.now()
         stats = await self._outbox.queue_overview([d.id for d in devices], now)
-        waiting = [d.id for d in devices if stats.get(d.id, {}).get("next_due") is not None]
-        # The sends pacing counts: the rolling hour and the local day (at most 25 hours when clocks go back).
-        sends = await self._outbox.sent_since_many(waiting, now - DAY - 2 * HOUR)
         rows = []
+        next_send = await self._next_sends([d for d in devices if stats.get(d.id, {}).get("next_due")], stats, now)
         for device in devices:
             s = stats.get(device.id, {})
-            next_due = s.get("next_due")
-            if next_due is not None:
-                # What the device's dispatcher waits for: the due time, then caps, quiet hours and the shortest gap.
-                rules = PacingRules.for_device(device, self._tz)
-                next_due = next_send_at(rules, SendHistory(sends[device.id]), max(next_due, now), rules.min_delay_s)
             rows.append(
                 {
                     "device_id": str(device.id),
@@ -85,12 +80,37 @@ class QueueService:
                     "sending": s.get("sending", 0),
                     "sent_last_hour": s.get("sent_last_hour", 0),
                     "hourly_cap": device.hourly_cap,
-                    "next_send_at": next_due,
+                    "next_send_at": next_send.get(device.id),
                     "paused_reason": device.queue_paused_reason,
                     "pause_kind": device.queue_pause_kind,
                 }
             )
         return rows
+
+    async def _next_sends(
+        self, devices: Sequence[Device], stats: dict[UUID, dict[str, Any]], now: datetime
+    ) -> dict[UUID, datetime]:
+        """When each device's next message may go, as its dispatcher works it out: the due time, then the caps,
+        quiet hours and the device's shortest gap (a campaign's own gap may hold it longer). None while the
+        queue is paused: it waits for a resume."""
+        waiting = [d for d in devices if d.queue_paused_reason is None]
+        midnight = local_midnight(now, self._tz)
+        sends = await self._outbox.sends_for_pacing([d.id for d in waiting], now - HOUR, midnight)
+        found = {}
+        for device in waiting:
+            start = max(stats[device.id]["next_due"], now)
+            try:
+                rules = PacingRules.for_device(device, self._tz)
+            except InvalidInput:  # quiet hours stored unreadable (not through the API): the due time, as before
+                found[device.id] = start
+                continue
+            last_hour, today = sends[device.id]
+            if today >= rules.daily_cap_on(now):
+                start = max(start, rules.next_local_midnight(now))
+            # The sends of the last hour stand for the day's: the daily cap is checked above, for today; after
+            # midnight only they count, in the rolling hour.
+            found[device.id] = next_send_at(rules, SendHistory(last_hour), start, rules.min_delay_s)
+        return found
 
     async def pause(self, user: User, device_id: UUID) -> None:
         await self._visible(user, device_id)

@@ -23,7 +23,7 @@ from uuid import UUID
 import psycopg
 from sqlalchemy import ColumnElement, bindparam, case, delete, distinct, func, insert, literal, or_, select, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from wamd_server.domain.ids import new_message_id
 from wamd_server.domain.models import CampaignStatus, InboundMessage, OutboxItem, OutboxStatus, SourceKind
@@ -274,6 +274,29 @@ def _settled_leave(rows: ColumnElement[bool], *due: ColumnElement[bool]) -> Any:
     return delete(outbox_due).where(outbox_due.c.id.in_(settled), *due)
 
 
+async def _cancel_if_campaign_ended(conn: AsyncConnection, rows: ColumnElement[bool], now: datetime) -> None:
+    """Cancel the queued rows among `rows` whose campaign was cancelled or deleted. A campaign's cancel leaves its
+    `sending` rows alone: queued again afterwards (released, or to retry), they would wait forever for a campaign
+    that never sends again (or, deleted, be sent for nothing)."""
+    campaign = select(campaigns.c.status).where(campaigns.c.id == outbox.c.source_id).scalar_subquery()
+    ended = (
+        update(outbox)
+        .where(
+            rows,
+            outbox.c.status == OutboxStatus.QUEUED.value,
+            outbox.c.source_kind == SourceKind.CAMPAIGN.value,
+            or_(campaign.is_(None), campaign == CampaignStatus.CANCELLED.value),
+        )
+        .values(
+            status=OutboxStatus.CANCELLED.value,
+            last_error=case((campaign.is_(None), "campaign deleted"), else_="campaign cancelled"),
+            updated_at=now,
+        )
+    )
+    if (await conn.execute(ended)).rowcount:
+        await conn.execute(_settled_leave(rows))
+
+
 class SqlOutboxRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -497,34 +520,17 @@ class SqlOutboxRepository:
             .where(outbox.c.id.in_(ids), (outbox.c.status == OutboxStatus.SENDING.value).is_(True))
             .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts - 1, updated_at=now)
         )
-        # A campaign cancelled or deleted while these rows were `sending` left them alone (it cancels queued
-        # rows): back in the queue they would wait forever, as rows of a campaign that never sends again.
-        campaign = select(campaigns.c.status).where(campaigns.c.id == outbox.c.source_id).scalar_subquery()
-        released = outbox.c.id.in_(ids)
-        ended = (
-            update(outbox)
-            .where(
-                released,
-                outbox.c.status == OutboxStatus.QUEUED.value,
-                outbox.c.source_kind == SourceKind.CAMPAIGN.value,
-                or_(campaign.is_(None), campaign == CampaignStatus.CANCELLED.value),
-            )
-            .values(
-                status=OutboxStatus.CANCELLED.value,
-                last_error=case((campaign.is_(None), "campaign deleted"), else_="campaign cancelled"),
-                updated_at=now,
-            )
-        )
         async with self._engine.begin() as conn:
             await conn.execute(stmt)
-            if (await conn.execute(ended)).rowcount:
-                await conn.execute(_settled_leave(released))
+            await _cancel_if_campaign_ended(conn, outbox.c.id.in_(ids), now)
 
     async def _set(self, item_id: UUID, now: datetime, **values: Any) -> None:
         """Settle a row (or queue it again), its `outbox_due` row following (and `outbox_failed`)."""
         async with self._engine.begin() as conn:
             await conn.execute(update(outbox).where(outbox.c.id == item_id).values(updated_at=now, **values))
             await conn.execute(delete(outbox_due).where(outbox_due.c.id == item_id))
+            if values.get("status") == OutboxStatus.QUEUED.value:
+                await _cancel_if_campaign_ended(conn, outbox.c.id == item_id, now)
             await conn.execute(_due_again(outbox.c.id == item_id))
             if values.get("status") == OutboxStatus.FAILED.value:
                 failure = select(outbox.c.device_id, literal(now, UtcDateTime), outbox.c.id)
@@ -538,18 +544,27 @@ class SqlOutboxRepository:
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
 
-    async def sent_since_many(self, device_ids: Sequence[UUID], since: datetime) -> dict[UUID, list[datetime]]:
-        """`sent_since` for several devices at once (every device asked for has an entry)."""
-        sends: dict[UUID, list[datetime]] = {device_id: [] for device_id in device_ids}
-        if not sends:
-            return sends
-        query = select(outbox_sent.c.device_id, outbox_sent.c.sent_at).where(
-            outbox_sent.c.device_id.in_(list(sends)), outbox_sent.c.sent_at > since
+    async def sends_for_pacing(
+        self, device_ids: Sequence[UUID], hour_start: datetime, day_start: datetime
+    ) -> dict[UUID, tuple[list[datetime], int]]:
+        """Per device asked for: its sends after `hour_start` (what the hourly cap and the gap look at), and how
+        many it made since `day_start` (the daily cap): counted, not loaded, as that can be a day of sends."""
+        found: dict[UUID, tuple[list[datetime], int]] = {device_id: ([], 0) for device_id in device_ids}
+        if not found:
+            return found
+        asked = outbox_sent.c.device_id.in_(list(found))
+        recent = select(outbox_sent.c.device_id, outbox_sent.c.sent_at).where(asked, outbox_sent.c.sent_at > hour_start)
+        today = (
+            select(outbox_sent.c.device_id, func.count())
+            .where(asked, outbox_sent.c.sent_at >= day_start)
+            .group_by(outbox_sent.c.device_id)
         )
         async with self._engine.connect() as conn:
-            for device_id, sent_at in await conn.execute(query):
-                sends[device_id].append(sent_at)
-        return sends
+            for device_id, count in await conn.execute(today):
+                found[device_id] = ([], int(count))
+            for device_id, sent_at in await conn.execute(recent):
+                found[device_id][0].append(sent_at)
+        return found
 
     async def opted_out_phones(self) -> set[str]:
         """Every phone that opted out (a short list next to the leads: kept in memory by the dispatchers)."""

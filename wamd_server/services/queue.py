@@ -67,8 +67,8 @@ class QueueService:
         devices = await self._devices.list_page(scope_of(user), 100_000, None)
         now = self._clock.now()
         stats = await self._outbox.queue_overview([d.id for d in devices], now)
-        rows = []
         next_send = await self._next_sends([d for d in devices if stats.get(d.id, {}).get("next_due")], stats, now)
+        rows = []
         for device in devices:
             s = stats.get(device.id, {})
             rows.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.conftest import Server, ServerFactory, WsClient, eventually
+from tests.server.test_campaigns import linked_devices, make_leads
 from wamd_server.sim.network import SimNetwork
 
 PHONE = "60123000091"
@@ -111,3 +112,42 @@ async def test_a_send_the_phone_never_acknowledges_goes_out_once_when_it_answers
 
     await eventually(delivered, timeout=30)
     assert [(m["wa_id"], m["text"]) for m in network.inbox(CONTACT)] == [(sent["wa_message_id"], "Are you there?")]
+
+
+async def test_a_message_typed_during_a_broadcast_goes_before_the_broadcast_s_waiting_messages(
+    server: Server,
+) -> None:
+    [device] = await linked_devices(server, 1)
+    leads = await make_leads(server, 4, [device])
+    # The campaign's own gap of 3 s: its messages go one at a time, the rest waiting in the device's queue.
+    body = {"title": "Slow", "message": "Offer for {name}", "min_delay_s": 3, "max_delay_s": 3}
+    campaign = await server.ok("POST", "/api/campaigns", json=body)
+
+    async def campaign_messages() -> list[dict[str, Any]]:
+        found = []
+        for lead in leads:
+            found += (await server.sim("GET", f"/inbox/{lead['phone'].lstrip('+')}"))["items"]
+        return found
+
+    async def broadcast_started() -> bool:
+        return len(await campaign_messages()) >= 1
+
+    await eventually(broadcast_started)
+    chat = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
+    await server.ok("POST", chat, json={"text": "typed by hand"})
+
+    async def typed_arrived() -> bool:
+        return len((await server.sim("GET", f"/inbox/{CONTACT}"))["items"]) == 1
+
+    await eventually(typed_arrived)
+
+    async def broadcast_done() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return bool(report["done_send"] == 4)
+
+    await eventually(broadcast_done, timeout=30)
+    [typed] = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
+    sent = sorted(m["at"] for m in await campaign_messages())
+    assert len(sent) == 4  # one each, none doubled
+    # It went next (after the message already waiting out its gap, at most), not behind the whole broadcast.
+    assert sum(at < typed["at"] for at in sent) <= 2, (typed["at"], sent)

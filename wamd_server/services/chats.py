@@ -18,6 +18,7 @@ from wamd_server.domain.models import Device, SourceKind, User
 from wamd_server.domain.ports import BusEvent, Clock, DeviceRepository, EventBus
 from wamd_server.protocol.events import OUTBOX_QUEUED
 from wamd_server.services.devices import scope_of
+from wamd_server.services.send_first import due_first
 
 MAX_TEXT = 4096
 
@@ -38,6 +39,8 @@ class ChatStore(Protocol):
 
 class ManualOutbox(Protocol):
     async def enqueue(self, messages: Any, now: datetime) -> int: ...
+
+    async def next_due(self, device_id: UUID) -> datetime | None: ...
 
     async def by_source_key(self, source_key: str) -> Any: ...
 
@@ -117,7 +120,7 @@ class ChatService:
             text=text,
             source_kind=SourceKind.MANUAL,
             source_key=key,
-            scheduled_at=now,
+            scheduled_at=await due_first(self._outbox, device.id, now),  # "sent at once": before a broadcast's
             user_id=user.id,
             media_id=media_id,
             min_delay_s=0.0,

@@ -16,6 +16,7 @@ from wamd_server.domain.errors import InvalidInput
 from wamd_server.domain.models import SourceKind
 from wamd_server.domain.ports import BusEvent, Clock, EventBus
 from wamd_server.protocol.events import OUTBOX_QUEUED
+from wamd_server.services.send_first import due_first
 
 MAX_TEXT = 4096
 MAX_KEY = 200
@@ -24,6 +25,8 @@ PHONE = re.compile(r"\+?[0-9]{6,15}")  # international digits, as in a JID (what
 
 class OutboxInserts(Protocol):
     async def enqueue(self, messages: Sequence[Any], now: datetime) -> int: ...
+
+    async def next_due(self, device_id: UUID) -> datetime | None: ...
 
 
 class PluginOutbox:
@@ -46,8 +49,9 @@ class PluginOutbox:
     ) -> bool:
         """Queue `text` for `to_phone` (digits, or +E.164) from the device, once per `key`: a key already used
         adds nothing (a redelivered event, a retried hook), and False is returned. `at`: not before then
-        (timezone-aware; default now). `paced` False sends without the device's gap (as a reply typed by hand),
-        caps and quiet hours still apply. `user_id`: the user the message is sent for (reports), if any."""
+        (timezone-aware; default now). `paced` False sends without the device's gap and, without `at`, before
+        the device's waiting messages (as a reply typed by hand); caps and quiet hours still apply. `user_id`:
+        the user the message is sent for (reports), if any."""
         if not isinstance(to_phone, str) or not PHONE.fullmatch(to_phone.strip()):
             raise InvalidInput(f"not a phone number: {to_phone!r}", {"field": "to_phone"})
         phone = to_phone.strip().lstrip("+")
@@ -58,13 +62,15 @@ class PluginOutbox:
         if at is not None and at.tzinfo is None:
             raise InvalidInput("at must carry a time zone", {"field": "at"})
         now = self._clock.now()
+        if at is None:  # unpaced: a reply, before the device's waiting messages (as one typed by hand)
+            at = now if paced else await due_first(self._outbox, device_id, now)
         message = self._new_message(
             device_id=device_id,
             recipient=phone,
             text=text,
             source_kind=SourceKind.PLUGIN,
             source_key=f"plugin:{key}",
-            scheduled_at=at or now,
+            scheduled_at=at,
             user_id=user_id,
             min_delay_s=None if paced else 0.0,
             max_delay_s=None if paced else 0.0,

@@ -135,9 +135,10 @@ async def test_a_message_typed_during_a_broadcast_goes_before_the_broadcast_s_wa
     await eventually(broadcast_started)
     chat = f"/api/devices/{device['id']}/chats/{CONTACT}@s.whatsapp.net/messages"
     await server.ok("POST", chat, json={"text": "typed by hand"})
+    await server.ok("POST", chat, json={"text": "and a second one"})
 
     async def typed_arrived() -> bool:
-        return len((await server.sim("GET", f"/inbox/{CONTACT}"))["items"]) == 1
+        return len((await server.sim("GET", f"/inbox/{CONTACT}"))["items"]) == 2
 
     await eventually(typed_arrived)
 
@@ -146,8 +147,9 @@ async def test_a_message_typed_during_a_broadcast_goes_before_the_broadcast_s_wa
         return bool(report["done_send"] == 4)
 
     await eventually(broadcast_done, timeout=30)
-    [typed] = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
+    typed = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
+    assert [m["text"] for m in typed] == ["typed by hand", "and a second one"]  # in the order typed
     sent = sorted(m["at"] for m in await campaign_messages())
     assert len(sent) == 4  # one each, none doubled
-    # It went next (after the message already waiting out its gap, at most), not behind the whole broadcast.
-    assert sum(at < typed["at"] for at in sent) <= 2, (typed["at"], sent)
+    # They went next (after the message already waiting out its gap, at most), not behind the whole broadcast.
+    assert sum(at < typed[-1]["at"] for at in sent) <= 2, (typed, sent)

@@ -420,6 +420,20 @@ class SqlOutboxRepository:
             value: datetime | None = (await conn.execute(query)).scalar_one()
         return value
 
+    async def send_first_bounds(self, device_id: UUID, now: datetime) -> tuple[datetime | None, datetime | None]:
+        """Of the device's queued rows due by `now` and not held: the earliest of campaigns and sequences (what a
+        message to send first goes before), and the latest typed by hand or sent by a plugin (what it goes after,
+        so two such messages keep their order)."""
+        kind = outbox.c.source_kind
+        bulk = kind.in_([SourceKind.CAMPAIGN.value, SourceKind.SEQUENCE.value])
+        due_at = outbox_due.c.scheduled_at
+        query = _due_of(device_id).with_only_columns(
+            func.min(case((bulk, due_at), else_=None)), func.max(case((~bulk, due_at), else_=None))
+        )
+        async with self._engine.connect() as conn:
+            first_bulk, last_other = (await conn.execute(query.where(due_at <= now))).one()
+        return first_bulk, last_other
+
     async def in_flight(self, device_id: UUID) -> list[OutboxItem]:
         """Rows left `sending` (a crash between claim and result): they are sent again with the same id."""
         query = (

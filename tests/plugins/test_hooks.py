@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import EVENT_TIMEOUT, TEST_SIM, Server, ServerFactory, eventually, server_env
+from tests.server.test_campaigns import linked_devices, make_leads
 from wamd_server.config import ConfigError, load_config
 from wamd_server.domain.errors import InvalidInput
 from wamd_server.domain.models import Device, DeviceStatus, InboundMessage
@@ -298,6 +299,40 @@ async def test_a_plugin_sends_through_the_outbox_once_per_key(make_server: Serve
     inbox = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
     assert [m["text"] for m in inbox] == ["Prices: https://x.example/p?a=1&b=2"]
     assert [m["text"] for m in (await server.ok("GET", chat))["items"] if m["from_me"]] == [inbox[0]["text"]]
+
+
+async def test_a_plugin_s_unpaced_reply_goes_before_a_broadcast_s_waiting_messages(
+    make_server: ServerFactory, database_url: str
+) -> None:
+    plugin = AutoReply()
+    server = await make_server(database_url, plugins=[plugin])
+    [device] = await linked_devices(server, 1)
+    leads = await make_leads(server, 4, [device])
+    body = {"title": "Slow", "message": "Offer for {name}", "min_delay_s": 3, "max_delay_s": 3}
+    campaign = await server.ok("POST", "/api/campaigns", json=body)
+
+    async def campaign_times() -> list[str]:
+        times = []
+        for lead in leads:
+            times += [m["at"] for m in (await server.sim("GET", f"/inbox/{lead['phone'].lstrip('+')}"))["items"]]
+        return sorted(times)
+
+    async def broadcast_started() -> bool:
+        return len(await campaign_times()) >= 1
+
+    await eventually(broadcast_started)
+    await server.sim("POST", "/send", {"from_phone": CONTACT, "to_phone": device["phone"], "text": "price?"})
+
+    async def broadcast_done() -> bool:
+        report = await server.ok("GET", f"/api/campaigns/{campaign['id']}/report")
+        return bool(report["done_send"] == 4)
+
+    await eventually(broadcast_done, timeout=30)
+    [reply] = (await server.sim("GET", f"/inbox/{CONTACT}"))["items"]
+    sent = await campaign_times()
+    assert len(sent) == 4
+    # Next after the message the device was waiting out its gap for (at most), not behind the whole broadcast.
+    assert sum(at < reply["at"] for at in sent) <= 2, (reply, sent)
 
 
 # --- hooks with no core caller yet, through PluginHost --------------------------------------------------------

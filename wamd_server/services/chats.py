@@ -18,7 +18,7 @@ from wamd_server.domain.models import Device, SourceKind, User
 from wamd_server.domain.ports import BusEvent, Clock, DeviceRepository, EventBus
 from wamd_server.protocol.events import OUTBOX_QUEUED
 from wamd_server.services.devices import scope_of
-from wamd_server.services.send_first import due_first
+from wamd_server.services.send_first import SendFirstBounds, due_first
 
 MAX_TEXT = 4096
 
@@ -37,10 +37,8 @@ class ChatStore(Protocol):
     async def mark_read(self, device_id: UUID, chat_jid: str, wa_ids: list[str]) -> None: ...
 
 
-class ManualOutbox(Protocol):
+class ManualOutbox(SendFirstBounds, Protocol):
     async def enqueue(self, messages: Any, now: datetime) -> int: ...
-
-    async def send_first_bounds(self, device_id: UUID, now: datetime) -> tuple[datetime | None, datetime | None]: ...
 
     async def by_source_key(self, source_key: str) -> Any: ...
 
@@ -120,7 +118,7 @@ class ChatService:
             text=text,
             source_kind=SourceKind.MANUAL,
             source_key=key,
-            scheduled_at=await due_first(self._outbox, device.id, now),  # "sent at once": before a broadcast's
+            scheduled_at=await due_first(self._outbox, device.id, now),  # before the broadcast messages waiting
             user_id=user.id,
             media_id=media_id,
             min_delay_s=0.0,

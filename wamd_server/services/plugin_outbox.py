@@ -16,17 +16,15 @@ from wamd_server.domain.errors import InvalidInput
 from wamd_server.domain.models import SourceKind
 from wamd_server.domain.ports import BusEvent, Clock, EventBus
 from wamd_server.protocol.events import OUTBOX_QUEUED
-from wamd_server.services.send_first import due_first
+from wamd_server.services.send_first import SendFirstBounds, due_first
 
 MAX_TEXT = 4096
 MAX_KEY = 200
 PHONE = re.compile(r"\+?[0-9]{6,15}")  # international digits, as in a JID (what `message.sender_phone` holds)
 
 
-class OutboxInserts(Protocol):
+class OutboxInserts(SendFirstBounds, Protocol):
     async def enqueue(self, messages: Sequence[Any], now: datetime) -> int: ...
-
-    async def send_first_bounds(self, device_id: UUID, now: datetime) -> tuple[datetime | None, datetime | None]: ...
 
 
 class PluginOutbox:

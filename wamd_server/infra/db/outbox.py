@@ -240,10 +240,15 @@ def tally_from(row: Any) -> Tally:
     )
 
 
+def _not_held() -> ColumnElement[bool]:
+    """A due row not of a paused or cancelled campaign (those wait for a resume)."""
+    held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
+    return outbox_due.c.source_id.is_(None) | outbox_due.c.source_id.not_in(held)
+
+
 def _due_of(device_id: UUID) -> Any:
     """The device's rows waiting in `outbox_due` that are queued (not `sending`) and not held (paused or cancelled
     campaign), as a select of their ids, to be ordered, limited or aggregated."""
-    held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
     return (
         select(outbox_due.c.id)
         .join(outbox, outbox.c.id == outbox_due.c.id)
@@ -251,7 +256,7 @@ def _due_of(device_id: UUID) -> Any:
             outbox_due.c.device_id == device_id,
             outbox.c.device_id == device_id,
             outbox.c.status == OutboxStatus.QUEUED.value,
-            (outbox_due.c.source_id.is_(None)) | (outbox_due.c.source_id.not_in(held)),
+            _not_held(),
         )
     )
 
@@ -722,8 +727,7 @@ class SqlOutboxRepository:
         counting messages of paused or cancelled campaigns: they wait for a resume)."""
         status = outbox.c.status
         queued = status == OutboxStatus.QUEUED.value
-        held = select(campaigns.c.id).where(campaigns.c.status.in_(HELD_CAMPAIGNS))
-        sendable = queued & (outbox_due.c.source_id.is_(None) | outbox_due.c.source_id.not_in(held))
+        sendable = queued & _not_held()
         waiting = (
             select(
                 outbox_due.c.device_id,
